@@ -219,7 +219,9 @@ class RequestParser:
             return None, 0
         hostname = None
         if is_socks4a(address):
-            hostname, offset = self._field(buffer, offset, "host name", self.max_hostname)
+            hostname, offset = self._field(
+                buffer, offset, "host name", self.max_hostname
+            )
             if hostname is None:
                 return None, 0
             _check_hostname(hostname)

@@ -1,0 +1,445 @@
+"""
+The SOCKS4/4A server: a Protocol/Factory pair.
+
+A request travels one road, written as one coroutine (L{SOCKS4Server._serve}):
+parse -> resolve (4A) -> destination checks -> rules -> connect | bind ->
+reply -> relay.  Every ending is at most one reply (BIND: two), one close
+and one session log event.  While a request is being decided the client's
+bytes are held (bounded) for the relay, never parsed as a new request; a
+client that leaves cancels whatever is pending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTCP,
+    IReactorTime,
+    IResolver,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from socks4tx.bind import BindListener, BindMismatch, route_source_address
+from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
+from socks4tx.resolve import ResolveError, resolve_ipv4
+from socks4tx.rules import LoopbackOnly, Policy
+from socks4tx.session import Session, address_host_port
+from socks4tx.wire import (
+    SOCKS5_NO_ACCEPTABLE_METHOD,
+    Command,
+    Reply,
+    ReplyCode,
+    Request,
+    RequestParser,
+    VersionError,
+    WireError,
+)
+
+log = Logger(namespace="socks4tx.server")
+
+#: Bytes a client may send while its request is decided before the server
+#: stops reading from it (they are relayed once the session is granted).
+HOLD_LIMIT = 64 * 1024
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+@dataclass
+class Settings:
+    """Everything a server takes from its options; times in seconds."""
+
+    handshake_timeout: float = 30.0
+    resolve_timeout: float = 10.0
+    connect_timeout: float = 120.0
+    bind_timeout: float = 120.0
+    idle_timeout: float = 0.0
+    max_userid: int = 255
+    max_hostname: int = 255
+    bind_address: str | None = None
+    outgoing_address: str | None = None
+    keepalive: bool = True
+    #: (host, port) of this server's own listening sockets.
+    listening: set[tuple[str, int]] = field(default_factory=set)
+
+
+class Refused(Exception):
+    """Ends a session before the relay, with a reply (or none) and a reason."""
+
+    def __init__(
+        self,
+        reason: str,
+        reply: ReplyCode | None = ReplyCode.REJECTED,
+        detail: str = "",
+    ) -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+        self.reply = reply
+        self.detail = detail
+
+
+def set_keepalive(transport: ITransport | None, enabled: bool) -> None:
+    """TCP keepalive where the transport has it (not on UNIX sockets)."""
+    set_option = getattr(transport, "setTcpKeepAlive", None)
+    if enabled and set_option is not None:
+        with contextlib.suppress(OSError):
+            set_option(1)
+
+
+def is_local_address(address: str) -> bool:
+    """Whether C{address} belongs to this host (binding to it succeeds)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def is_own_listener(settings: Settings, address: str, port: int) -> bool:
+    """Whether C{address:port} reaches one of this server's listeners."""
+    for host, listening_port in settings.listening:
+        if listening_port != port:
+            continue
+        if host == address:
+            return True
+        if host in ("0.0.0.0", "::") and is_local_address(address):
+            return True
+    return False
+
+
+class _Outgoing(Factory):
+    protocol = RemoteProtocol
+    noisy = False
+
+
+@implementer(IHalfCloseableProtocol)
+class SOCKS4Server(Protocol):
+    """One client connection: the handshake, then its half of the relay."""
+
+    factory: SOCKS4Factory
+    session: Session
+
+    def __init__(self) -> None:
+        self._parser: RequestParser | None = None
+        self._timer: IDelayedCall | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._work: defer.Deferred[None] | None = None
+        self._relay: Relay | None = None
+        self._relay_end: RelayEnd | None = None
+        self._remote: RemoteProtocol | None = None
+        self._closing = False
+        self._logged = False
+
+    # -- connection events ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        settings = self.factory.settings
+        assert self.transport is not None
+        client, client_port = address_host_port(self.transport.getPeer())
+        self.session = Session(client, client_port, self.factory.clock.seconds())
+        self._parser = RequestParser(settings.max_userid, settings.max_hostname)
+        self._timer = self.factory.clock.callLater(
+            settings.handshake_timeout, self._handshake_timed_out
+        )
+        set_keepalive(self.transport, settings.keepalive)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._relay_end is not None:
+            self._relay_end.data_received(data)
+        elif self._work is not None:
+            self._hold(data)
+        elif self._parser is not None:
+            self._parse(data)
+
+    def readConnectionLost(self) -> None:
+        if self._relay_end is not None:
+            self._relay_end.read_connection_lost()
+        else:
+            # A client that stops sending before it has its answer has given
+            # up on it: treat it as gone.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timer()
+        if self._relay_end is not None:
+            self._relay_end.connection_lost()
+            return
+        if self._work is not None and not self._work.called:
+            self.session.reason = self.session.reason or "client-gone"
+            self._work.cancel()
+        if self._remote is not None and self._remote.transport is not None:
+            self._remote.transport.loseConnection()
+        if self.session.reason is None:
+            self.session.reason = "client-gone"
+        self._log_session()
+
+    # -- the handshake ----------------------------------------------------
+
+    def _parse(self, data: bytes) -> None:
+        assert self._parser is not None
+        try:
+            request = self._parser.feed(data)
+        except VersionError as error:
+            if error.version == 5:
+                log.info(
+                    "SOCKS5 client {client} refused: this server speaks SOCKS4/4A only",
+                    client=self.session.client,
+                )
+                self.transport.write(SOCKS5_NO_ACCEPTABLE_METHOD)  # type: ignore[union-attr]
+            self._end(Refused("bad-request", None, str(error)))
+            return
+        except WireError as error:
+            self._end(Refused("bad-request", error.reply, str(error)))
+            return
+        if request is None:
+            return
+        self._cancel_timer()
+        self.session.request(request)
+        self._hold(self._parser.trailing)
+        self._parser = None
+        self._work = defer.Deferred.fromCoroutine(self._serve(request))
+        self._work.addErrback(self._failed)
+
+    def _hold(self, data: bytes) -> None:
+        if not data:
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= HOLD_LIMIT:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    async def _serve(self, request: Request) -> None:
+        addresses = await self._destination(request)
+        destination = addresses[0]
+        self.session.dst_ip = destination
+        decision = self.factory.policy.decide(
+            self.session.client,
+            destination,
+            request.port,
+            request.userid,
+            request.command,
+        )
+        self.session.rule = decision.rule
+        if not decision.permit:
+            raise Refused("rule")
+        if request.command is Command.CONNECT:
+            remote = await self._connect(destination, request.port)
+        else:
+            remote = await self._bind(addresses)
+        self._start_relay(remote)
+
+    async def _destination(self, request: Request) -> list[str]:
+        """The destination's IPv4 addresses, resolving a 4A name."""
+        if request.hostname is None:
+            if request.address == "0.0.0.0":
+                # For BIND it names no application server to check the
+                # peer against; for CONNECT it would reach this host.
+                raise Refused("bad-request", detail="DSTIP 0.0.0.0")
+            return [request.address]
+        settings = self.factory.settings
+        try:
+            addresses = await resolve_ipv4(
+                self.factory.resolver,
+                self.factory.clock,
+                request.hostname.decode("ascii"),
+                settings.resolve_timeout,
+            )
+        except ResolveError as error:
+            raise Refused("resolve-failed", detail=str(error)) from None
+        usable = [a for a in addresses if ipaddress.IPv4Address(a) not in _THIS_NETWORK]
+        if not usable:
+            raise Refused("destination-refused", detail=f"{addresses}")
+        return usable
+
+    async def _connect(self, destination: str, port: int) -> RemoteProtocol:
+        settings = self.factory.settings
+        if ipaddress.IPv4Address(destination) in _THIS_NETWORK:
+            raise Refused("destination-refused", detail=destination)
+        if is_own_listener(settings, destination, port):
+            raise Refused("destination-refused", detail="this server's own listener")
+        bind = None
+        if settings.outgoing_address:
+            bind = (settings.outgoing_address, 0)
+        endpoint = TCP4ClientEndpoint(
+            self.factory.reactor,
+            destination,
+            port,
+            timeout=settings.connect_timeout,
+            bindAddress=bind,
+        )
+        try:
+            remote = await endpoint.connect(_Outgoing())
+        except defer.CancelledError:
+            raise
+        except Exception as error:
+            raise Refused("connect-failed", detail=str(error)) from None
+        assert isinstance(remote, RemoteProtocol)
+        self._remote = remote
+        set_keepalive(remote.transport, settings.keepalive)
+        local_host, local_port = address_host_port(remote.transport.getHost())  # type: ignore[union-attr]
+        self._reply(ReplyCode.GRANTED, local_port or 0, local_host or "0.0.0.0")
+        return remote
+
+    async def _bind(self, addresses: list[str]) -> RemoteProtocol:
+        settings = self.factory.settings
+        interface = settings.bind_address or route_source_address(addresses[0])
+        if interface is None:
+            raise Refused("bind-failed", detail=f"no route to {addresses[0]}")
+        listener = BindListener(
+            self.factory.reactor,
+            self.factory.clock,
+            interface,
+            addresses,
+            settings.bind_timeout,
+        )
+        try:
+            bound = listener.listen()
+        except Exception as error:
+            raise Refused("bind-failed", detail=str(error)) from None
+        # A wildcard listener tells the client to use the server's address.
+        announced = "0.0.0.0" if interface in ("0.0.0.0", "") else bound.host
+        self._reply(ReplyCode.GRANTED, bound.port, announced)
+        try:
+            remote = await listener.accepted
+        except BindMismatch as error:
+            raise Refused("bind-mismatch", detail=str(error)) from None
+        except defer.TimeoutError:
+            raise Refused("timeout", detail="no inbound BIND connection") from None
+        finally:
+            listener.close()
+        self._remote = remote
+        set_keepalive(remote.transport, settings.keepalive)
+        peer = remote.transport.getPeer()  # type: ignore[union-attr]
+        assert isinstance(peer, IPv4Address)
+        self._reply(ReplyCode.GRANTED, peer.port, peer.host)
+        return remote
+
+    def _reply(self, code: ReplyCode, port: int = 0, address: str = "0.0.0.0") -> None:
+        self.session.reply = int(code)
+        self.transport.write(Reply(code, port, address).to_bytes())  # type: ignore[union-attr]
+
+    def _failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, defer.CancelledError):
+            return  # the client left; connectionLost has the rest
+        if isinstance(failure.value, Refused):
+            self._end(failure.value)
+            return
+        log.failure(
+            "unexpected error serving {client}", failure, client=self.session.client
+        )
+        self._end(Refused("internal-error"))
+
+    def _end(self, refusal: Refused) -> None:
+        """Reply (if owed), close, and remember why."""
+        if self._closing:
+            return
+        self._closing = True
+        self._parser = None
+        self._cancel_timer()
+        self.session.reason = refusal.reason
+        if refusal.reply is not None:
+            self._reply(refusal.reply)
+        if self._remote is not None and self._remote.transport is not None:
+            self._remote.transport.loseConnection()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self._end(Refused("timeout", None, "request incomplete"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- the relay --------------------------------------------------------
+
+    def _start_relay(self, remote: RemoteProtocol) -> None:
+        pending = b"".join(self._held)
+        self._held = []
+        assert self.transport is not None and remote.transport is not None
+        relay = Relay(
+            self.transport,  # type: ignore[arg-type]
+            remote.transport,  # type: ignore[arg-type]
+            self.factory.clock,
+            self.factory.settings.idle_timeout,
+            self._relay_finished,
+        )
+        self._relay = relay
+        self._relay_end = relay.client
+        self.session.relay = relay.name
+        relay.start(pending)
+        remote.attach(relay.server)
+        if self._held_size >= HOLD_LIMIT:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _relay_finished(self, relay: Relay) -> None:
+        self.session.reason = "timeout" if relay.timed_out else "relayed"
+        self._log_session()
+
+    def _log_session(self) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        if self._relay is not None:
+            self.session.bytes_up = self._relay.bytes_up
+            self.session.bytes_down = self._relay.bytes_down
+        self.session.end(self.factory.clock.seconds())
+
+
+class SOCKS4Factory(ServerFactory):
+    """
+    Serves SOCKS4/4A with the given settings, policy and resolver.
+
+    @param reactor: used for connections, listeners and time; tests pass a
+        L{MemoryReactorClock}.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        settings: Settings | None = None,
+        policy: Policy | None = None,
+        resolver: IResolver | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.settings = settings or Settings()
+        self.policy: Policy = policy or LoopbackOnly()
+        if resolver is None:
+            from twisted.names.client import createResolver
+
+            resolver = createResolver()
+        self.resolver = resolver
+
+    def listening_on(self, address: IAddress) -> None:
+        """Record one of this server's listening addresses (see L{is_own_listener})."""
+        host, port = address_host_port(address)
+        if host is not None and port is not None:
+            self.settings.listening.add((host, port))
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        protocol = SOCKS4Server()
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,249 @@
+"""
+C{twistd socks4}: options and the service they describe.
+
+L{makeService} is shared by the twistd plugin and by C{.tac} files, so both
+deployments behave the same.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from socks4tx import __version__
+from socks4tx.server import Settings, SOCKS4Factory
+from socks4tx.session import describe
+
+log = Logger(namespace="socks4tx.listen")
+
+DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:
+        raise ValueError(f"{value!r} is not a non-negative number of seconds")
+    return seconds
+
+
+def _positive_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds == 0:
+        raise ValueError("must be more than 0 seconds")
+    return seconds
+
+
+def _length(value: str) -> int:
+    length = int(value)
+    if not 0 <= length <= 65535:
+        raise ValueError(f"{value!r} is not a length from 0 to 65535")
+    return length
+
+
+def _ipv4(value: str) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+def _coerced(coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a converter's ValueError into usage.UsageError for twistd."""
+
+    def convert(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+
+    convert.coerceDoc = ""  # type: ignore[attr-defined]
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A SOCKS4/SOCKS4A proxy server (CONNECT and BIND). Without options it "
+        f"listens on {DEFAULT_LISTEN} and serves loopback clients only."
+    )
+
+    optFlags = [  # noqa: RUF012 (twistd's usage.Options convention)
+        [
+            "no-keepalive",
+            None,
+            "Don't set TCP keepalive on client and destination connections.",
+        ],
+    ]
+    optParameters = [  # noqa: RUF012
+        [
+            "handshake-timeout",
+            None,
+            30.0,
+            "Seconds a client has to send its whole request.",
+            _coerced(_positive_seconds),
+        ],
+        [
+            "resolve-timeout",
+            None,
+            10.0,
+            "Seconds to resolve a SOCKS4A host name.",
+            _coerced(_positive_seconds),
+        ],
+        [
+            "connect-timeout",
+            None,
+            120.0,
+            "Seconds to connect to a CONNECT destination.",
+            _coerced(_positive_seconds),
+        ],
+        [
+            "bind-timeout",
+            None,
+            120.0,
+            "Seconds a BIND listener waits for the application server.",
+            _coerced(_positive_seconds),
+        ],
+        [
+            "idle-timeout",
+            None,
+            0.0,
+            "Close a relayed session after this many seconds without traffic"
+            " (0: never).",
+            _coerced(_seconds),
+        ],
+        [
+            "max-userid",
+            None,
+            255,
+            "Longest USERID accepted, in bytes.",
+            _coerced(_length),
+        ],
+        [
+            "max-hostname",
+            None,
+            255,
+            "Longest SOCKS4A host name accepted, in bytes.",
+            _coerced(_length),
+        ],
+        [
+            "bind-address",
+            None,
+            None,
+            "IPv4 address where BIND listens (default: the local address of the"
+            " route to the application server).",
+            _coerced(_ipv4),
+        ],
+        [
+            "outgoing-address",
+            None,
+            None,
+            "IPv4 source address of outgoing connections (default: the kernel's"
+            " choice).",
+            _coerced(_ipv4),
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        A Twisted server endpoint to listen on, e.g. tcp:1080:interface=127.0.0.1
+        (repeatable; given ones replace the default tcp:1080:interface=127.0.0.1).
+        """
+        self["listen"].append(description)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"socks4tx {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+
+    def settings(self) -> Settings:
+        return Settings(
+            handshake_timeout=self["handshake-timeout"],
+            resolve_timeout=self["resolve-timeout"],
+            connect_timeout=self["connect-timeout"],
+            bind_timeout=self["bind-timeout"],
+            idle_timeout=self["idle-timeout"],
+            max_userid=self["max-userid"],
+            max_hostname=self["max-hostname"],
+            bind_address=self["bind-address"],
+            outgoing_address=self["outgoing-address"],
+            keepalive=not self["no-keepalive"],
+        )
+
+
+class ListenerService(service.Service):
+    """
+    Listens on several endpoints with one factory, before twistd drops
+    privileges, and tells the factory where it listens (so that it refuses
+    to connect to itself).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, IStreamServerEndpoint]],
+        factory: SOCKS4Factory,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.factory = factory
+        self.ports: list[IListeningPort] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list[Failure] = []
+        for description, endpoint in self.endpoints:
+            listening = endpoint.listen(self.factory)
+            listening.addCallbacks(self._listening, failures.append)
+            if not listening.called:
+                raise RuntimeError(f"{description}: did not listen at once")
+        if failures:
+            # twistd reports this and exits: a port that can't be bound is
+            # a configuration error, not something to run without.
+            failures[0].raiseException()
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "socks4tx {version} listening on {listeners_text}",
+            version=__version__,
+            listeners=[describe(port.getHost()) for port in self.ports],
+            listeners_text=", ".join(describe(port.getHost()) for port in self.ports),
+        )
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.ports.append(port)
+        self.factory.listening_on(port.getHost())
+        return port
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in ports]
+        ).addCallback(lambda _: None)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """The socks4 service described by C{options} (parsed L{Options})."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    factory = SOCKS4Factory(reactor, options.settings())
+    endpoints = [
+        (description, serverFromString(reactor, description))
+        for description in options["listen"]
+    ]
+    return ListenerService(endpoints, factory)
