@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -179,6 +180,9 @@ class SOCKS4Server(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # From here on nothing may be written: whatever the pending work
+        # ends with, the client is gone.
+        self._closing = True
         self._cancel_timer()
         if self._relay_end is not None:
             self._relay_end.connection_lost()
@@ -288,8 +292,9 @@ class SOCKS4Server(Protocol):
         )
         try:
             remote = await endpoint.connect(_Outgoing())
-        except defer.CancelledError:
-            raise
+        except (defer.CancelledError, ConnectingCancelledError):
+            # (the endpoint turns our cancellation into its own error)
+            raise defer.CancelledError() from None
         except Exception as error:
             raise Refused("connect-failed", detail=str(error)) from None
         assert isinstance(remote, RemoteProtocol)

@@ -14,7 +14,7 @@ import venv
 from pathlib import Path
 
 import pytest
-
+from blackbox import ThreadedServer, TwistdProcess, recv_exact, socks4_request
 from tools import missing, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +89,21 @@ def test_default_serves_loopback_1080(installed: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reply=5a" in result.stdout or "reply=005a" in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_tac_file_relays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, echo: ThreadedServer
+) -> None:
+    """``twistd -ny examples/socks4.tac`` serves like the plugin."""
+    monkeypatch.setenv("SOCKS4TX_OPTIONS", "--listen tcp:0:interface=127.0.0.1")
+    server = TwistdProcess(["-y", str(ROOT / "examples" / "socks4.tac")], tmp_path)
+    try:
+        sock, reply = socks4_request(
+            server.address, 1, echo.port, "127.0.0.1", payload=b"hello"
+        )
+        with sock:
+            assert reply.code == 90
+            assert recv_exact(sock, 5) == b"hello"
+    finally:
+        server.stop()
