@@ -145,6 +145,7 @@ class SOCKS4Server(Protocol):
         self._relay_end: RelayEnd | None = None
         self._remote: RemoteProtocol | None = None
         self._closing = False
+        self._client_eof = False
         self._logged = False
 
     # -- connection events ------------------------------------------------
@@ -171,9 +172,14 @@ class SOCKS4Server(Protocol):
     def readConnectionLost(self) -> None:
         if self._relay_end is not None:
             self._relay_end.read_connection_lost()
+        elif self._work is not None and self.session.command == "connect":
+            # A CONNECT client may send its whole stream behind the request
+            # and shut down its sending side (printf ... | nc -N): the EOF
+            # is passed on once the relay starts.
+            self._client_eof = True
         else:
-            # A client that stops sending before it has its answer has given
-            # up on it: treat it as gone.
+            # Before a complete request, or while a BIND waits for its peer,
+            # EOF means the client gave up: cancel what is pending.
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
@@ -392,10 +398,12 @@ class SOCKS4Server(Protocol):
         self._relay = relay
         self._relay_end = relay.client
         self.session.relay = relay.name
-        relay.start(pending)
-        remote.attach(relay.server)
         if self._held_size >= HOLD_LIMIT:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+        relay.start(pending)
+        remote.attach(relay.server)
+        if self._client_eof:
+            relay.client.read_connection_lost()
 
     def _relay_finished(self, relay: Relay) -> None:
         self.session.reason = "timeout" if relay.timed_out else "relayed"

@@ -56,8 +56,8 @@ def main(twistd: str) -> int:
                 print("".join(output), file=sys.stderr)
                 return 1
             with socket.create_connection(("127.0.0.1", 1080), timeout=10) as client:
-                request = b"\x04\x01" + echo_port.to_bytes(2, "big") + bytes(
-                    [127, 0, 0, 1]
+                request = (
+                    b"\x04\x01" + echo_port.to_bytes(2, "big") + bytes([127, 0, 0, 1])
                 )
                 client.sendall(request + b"\0" + b"hello")
                 reply = client.recv(8, socket.MSG_WAITALL)

@@ -33,6 +33,7 @@ from blackbox import (
     request_bytes,
     socks4_request,
 )
+from fakes import SESSION_FIELDS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -412,23 +413,6 @@ def test_non_reading_peer_blocks_the_sender(start_server, direction: str) -> Non
 
 
 # -- the session log -----------------------------------------------------------
-
-SESSION_FIELDS = {
-    "client",
-    "client_port",
-    "userid",
-    "command",
-    "dst_host",
-    "dst_ip",
-    "dst_port",
-    "reply",
-    "reason",
-    "rule",
-    "ident",
-    "bytes_up",
-    "bytes_down",
-    "duration",
-}
 
 
 def test_session_log_events(start_server) -> None:
