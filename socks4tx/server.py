@@ -397,7 +397,6 @@ class SOCKS4Server(Protocol):
         )
         self._relay = relay
         self._relay_end = relay.client
-        self.session.relay = relay.name
         if self._held_size >= HOLD_LIMIT:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         relay.start(pending)

@@ -62,7 +62,6 @@ class Session:
     reason: str | None = None
     rule: str | None = None
     ident: str | None = None
-    relay: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     duration: float = 0.0

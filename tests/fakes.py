@@ -29,7 +29,7 @@ from socks4tx.server import Settings, SOCKS4Factory, SOCKS4Server
 from socks4tx.wire import Command, Reply, ReplyCode, Request
 
 SESSION_NAMESPACE = "socks4tx.session"
-#: The session event's fields (SPEC.md "The session log event", plus relay).
+#: The session event's fields, exactly SPEC.md's "The session log event".
 SESSION_FIELDS = frozenset(
     {
         "client",
@@ -46,7 +46,6 @@ SESSION_FIELDS = frozenset(
         "bytes_up",
         "bytes_down",
         "duration",
-        "relay",
     }
 )
 
