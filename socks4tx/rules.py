@@ -9,6 +9,7 @@ started without configuration is never an open relay.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,6 +57,7 @@ def source_address(
     return address
 
 
+@functools.lru_cache(maxsize=1024)
 def is_local_client(host: str | None) -> bool:
     """Loopback (127.0.0.0/8, ::1) or a UNIX socket: a client on this host."""
     address = source_address(host)

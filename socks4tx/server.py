@@ -12,14 +12,11 @@ client that leaves cancels whatever is pending.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -29,12 +26,13 @@ from twisted.internet.interfaces import (
     IResolver,
     ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socks4tx.bind import BindListener, BindMismatch, route_source_address
+from socks4tx.connect import connect_tcp
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy
@@ -48,6 +46,7 @@ from socks4tx.wire import (
     RequestParser,
     VersionError,
     WireError,
+    pack_ipv4,
 )
 
 log = Logger(namespace="socks4tx.server")
@@ -55,7 +54,6 @@ log = Logger(namespace="socks4tx.server")
 #: Bytes a client may send while its request is decided before the server
 #: stops reading from it (they are relayed once the session is granted).
 HOLD_LIMIT = 64 * 1024
-_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 @dataclass
@@ -99,6 +97,14 @@ def set_keepalive(transport: ITransport | None, enabled: bool) -> None:
             set_option(1)
 
 
+def in_this_network(address: str) -> bool:
+    """
+    Whether a dotted quad is in 0.0.0.0/8 ("this network"): never a
+    destination; connecting to it reaches this host.
+    """
+    return pack_ipv4(address)[0] == 0
+
+
 def is_local_address(address: str) -> bool:
     """Whether C{address} belongs to this host (binding to it succeeds)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -121,11 +127,6 @@ def is_own_listener(settings: Settings, address: str, port: int) -> bool:
         if host in ("0.0.0.0", "::") and is_local_address(address):
             return True
     return False
-
-
-class _Outgoing(Factory):
-    protocol = RemoteProtocol
-    noisy = False
 
 
 @implementer(IHalfCloseableProtocol)
@@ -275,35 +276,32 @@ class SOCKS4Server(Protocol):
             )
         except ResolveError as error:
             raise Refused("resolve-failed", detail=str(error)) from None
-        usable = [a for a in addresses if ipaddress.IPv4Address(a) not in _THIS_NETWORK]
+        usable = [a for a in addresses if not in_this_network(a)]
         if not usable:
             raise Refused("destination-refused", detail=f"{addresses}")
         return usable
 
     async def _connect(self, destination: str, port: int) -> RemoteProtocol:
         settings = self.factory.settings
-        if ipaddress.IPv4Address(destination) in _THIS_NETWORK:
+        if in_this_network(destination):
             raise Refused("destination-refused", detail=destination)
         if is_own_listener(settings, destination, port):
             raise Refused("destination-refused", detail="this server's own listener")
         bind = None
         if settings.outgoing_address:
             bind = (settings.outgoing_address, 0)
-        endpoint = TCP4ClientEndpoint(
-            self.factory.reactor,
-            destination,
-            port,
-            timeout=settings.connect_timeout,
-            bindAddress=bind,
-        )
         try:
-            remote = await endpoint.connect(_Outgoing())
-        except (defer.CancelledError, ConnectingCancelledError):
-            # (the endpoint turns our cancellation into its own error)
-            raise defer.CancelledError() from None
+            remote = await connect_tcp(
+                self.factory.reactor,
+                destination,
+                port,
+                settings.connect_timeout,
+                bind,
+            )
+        except defer.CancelledError:
+            raise
         except Exception as error:
             raise Refused("connect-failed", detail=str(error)) from None
-        assert isinstance(remote, RemoteProtocol)
         self._remote = remote
         set_keepalive(remote.transport, settings.keepalive)
         local_host, local_port = address_host_port(remote.transport.getHost())  # type: ignore[union-attr]
