@@ -395,6 +395,9 @@ class SOCKS4Server(Protocol):
         )
         self._relay = relay
         self._relay_end = relay.client
+        # Reads go straight to the relay from now on (Twisted looks
+        # dataReceived up on the instance for every read).
+        self.dataReceived = relay.client.data_received  # type: ignore[method-assign]
         if self._held_size >= HOLD_LIMIT:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         relay.start(pending)
