@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from socks4tx.rules import RuleSet, parse_rules
+from socks4tx.rules import Rule, RuleSet, destination_key, parse_rules, source_key
 from socks4tx.wire import Command
 
 REQUEST = ("192.168.1.20", "10.20.30.40", 8080, b"alice", Command.CONNECT)
@@ -59,11 +59,20 @@ def many_rules(count: int = 1000) -> str:
     return "\n".join(lines) + "\n"
 
 
-def linear(rules: RuleSet) -> None:
+def linear(rules: RuleSet) -> Rule | None:
+    """First match by a plain loop (addresses converted once)."""
     source, destination, port, userid, _ = REQUEST
+    version, address = source_key(source)
+    target = destination_key(destination)
     for rule in rules.rules:
-        if rule.matches(source, destination, port, userid):
-            return
+        if (
+            rule.source.contains(version, address)
+            and (rule.destination is None or rule.destination.contains(4, target))
+            and (rule.port is None or rule.port(port))
+            and (rule.users is None or userid in rule.users)
+        ):
+            return rule
+    return None
 
 
 def measure(call: object, number: int) -> float:
@@ -83,6 +92,7 @@ def main() -> None:
         decision = cold.decide(*REQUEST)
         assert decision.permit and decision.rule == f"{name}:{len(cold)}", decision
         assert warm.decide(*REQUEST) == decision
+        assert linear(cold) is cold.rules[-1]
         off = measure(lambda r=cold: r.decide(*REQUEST), number)
         on = measure(lambda r=warm: r.decide(*REQUEST), number)
         scan = measure(lambda r=cold: linear(r), max(1, number // 100))

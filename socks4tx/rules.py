@@ -21,8 +21,8 @@ import operator
 import re
 import socket
 import sys
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -134,11 +134,11 @@ def source_key(host: str | None) -> tuple[int, int]:
     if host is not None:
         try:
             return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
-        except OSError:
+        except (OSError, ValueError):
             pass
         try:
             packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
-        except OSError:
+        except (OSError, ValueError):
             pass
         else:
             value = int.from_bytes(packed, "big")
@@ -270,103 +270,115 @@ class RulesError(Exception):
 # -- the index ----------------------------------------------------------------
 
 
-def _table(
-    rules: Sequence[Rule], network: Callable[[Rule], Network | None]
-) -> tuple[int, list[tuple[int, dict[int, int]]], list[tuple[int, dict[int, int]]]]:
+class _Intervals:
     """
-    Rules grouped by mask: per mask, masked network -> bit set of rule
-    indices; plus the bits of the rules that match any address.
+    The bit sets of the rules whose intervals hold a value, by one bisect:
+    the interval ends cut the line into segments, each with its bit set.
     """
-    anything = 0
-    groups: dict[tuple[int, int], dict[int, int]] = {}
-    for index, rule in enumerate(rules):
-        net = network(rule)
-        if net is None or net.is_catch_all:
-            anything |= 1 << index
-            continue
-        table = groups.setdefault((net.version, net.mask), {})
-        table[net.network] = table.get(net.network, 0) | 1 << index
-    v4 = [(mask, table) for (version, mask), table in groups.items() if version == 4]
-    v6 = [(mask, table) for (version, mask), table in groups.items() if version == 6]
-    return anything, v4, v6
+
+    def __init__(self, intervals: Iterable[tuple[int, int, int]]) -> None:
+        toggles: dict[int, int] = {}
+        for start, end, bit in intervals:  # end excluded; a rule's pieces disjoint
+            if start < end:
+                toggles[start] = toggles.get(start, 0) ^ bit
+                toggles[end] = toggles.get(end, 0) ^ bit
+        self.points = sorted(toggles)
+        self.bits = [0]
+        for point in self.points:
+            self.bits.append(self.bits[-1] ^ toggles[point])
+
+    def __call__(self, value: int) -> int:
+        return self.bits[bisect_right(self.points, value)]
+
+
+def _span(net: Network) -> tuple[int, int] | None:
+    """A network as an interval, if its mask is contiguous."""
+    hosts = ~net.mask & ((1 << (32 if net.version == 4 else 128)) - 1)
+    if hosts & (hosts + 1):
+        return None
+    return net.network, net.network + hosts + 1
+
+
+class _Addresses:
+    """The rules whose network holds an address (C{None}: any address)."""
+
+    def __init__(self, networks: Sequence[Network | None]) -> None:
+        self.anything = 0
+        spans: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}
+        # Non-contiguous masks (legal in the reference): mask -> net -> bits.
+        tables: dict[int, dict[int, int]] = {}
+        for index, net in enumerate(networks):
+            bit = 1 << index
+            if net is None or net.is_catch_all:
+                self.anything |= bit
+            elif (span := _span(net)) is not None:
+                spans[net.version].append((*span, bit))
+            else:
+                table = tables.setdefault(net.mask, {})
+                table[net.network] = table.get(net.network, 0) | bit
+        self.masked = list(tables.items())
+        self.v4 = _Intervals(spans[4])
+        self.v6 = _Intervals(spans[6])
+
+    def __call__(self, version: int, address: int) -> int:
+        if version == 6:
+            return self.anything | self.v6(address)
+        bits = self.anything | self.v4(address)
+        for mask, table in self.masked:
+            bits |= table.get(address & mask, 0)
+        return bits
+
+
+def _port_spans(test: PortTest | None) -> list[tuple[int, int]]:
+    """The ports a test accepts, as intervals (end excluded)."""
+    top = 65536
+    if test is None:
+        return [(0, top)]
+    port = test.port
+    return {
+        "eq": [(port, port + 1)],
+        "neq": [(0, port), (port + 1, top)],
+        "lt": [(0, port)],
+        "le": [(0, port + 1)],
+        "gt": [(port + 1, top)],
+        "ge": [(port, top)],
+    }[test.op]
 
 
 class _Index:
     """
     Each request field maps to the bit set of the rules it satisfies (bit i
-    = rule i); the lowest bit of their intersection is the first match.
-    The cost grows with the number of distinct masks and log(rules), not
+    = rule i), by a bisect or a dict lookup; the lowest bit of their
+    intersection is the first match.  The cost grows with log(rules), not
     with the number of rules.
     """
 
     def __init__(self, rules: Sequence[Rule]) -> None:
-        self.any_source, self.source4, self.source6 = _table(rules, lambda r: r.source)
-        self.any_destination, self.destination4, _ = _table(
-            rules, lambda r: r.destination
+        self.sources = _Addresses([rule.source for rule in rules])
+        self.destinations = _Addresses([rule.destination for rule in rules])
+        self.ports = _Intervals(
+            (start, end, 1 << index)
+            for index, rule in enumerate(rules)
+            for start, end in _port_spans(rule.port)
         )
-        self.any_port = 0
-        self.eq: dict[int, int] = {}
-        self.neq: dict[int, int] = {}
-        self.neq_all = 0
-        upper: list[tuple[int, int]] = []  # (t, bit): matches port <= t
-        lower: list[tuple[int, int]] = []  # (t, bit): matches port >= t
         self.any_user = 0
         self.users: dict[bytes, int] = {}
         for index, rule in enumerate(rules):
-            bit = 1 << index
-            test = rule.port
-            if test is None:
-                self.any_port |= bit
-            elif test.op == "eq":
-                self.eq[test.port] = self.eq.get(test.port, 0) | bit
-            elif test.op == "neq":
-                self.neq[test.port] = self.neq.get(test.port, 0) | bit
-                self.neq_all |= bit
-            elif test.op in ("lt", "le"):
-                upper.append((test.port - (test.op == "lt"), bit))
-            else:
-                lower.append((test.port + (test.op == "gt"), bit))
             if rule.users is None:
-                self.any_user |= bit
-            else:
-                for user in rule.users:
-                    self.users[user] = self.users.get(user, 0) | bit
-        upper.sort()
-        lower.sort()
-        self.upper = [t for t, _ in upper]
-        self.upper_bits = [0] * (len(upper) + 1)  # rules from i on
-        for i in range(len(upper) - 1, -1, -1):
-            self.upper_bits[i] = self.upper_bits[i + 1] | upper[i][1]
-        self.lower = [t for t, _ in lower]
-        self.lower_bits = [0] * (len(lower) + 1)  # rules before i
-        for i, (_, bit) in enumerate(lower):
-            self.lower_bits[i + 1] = self.lower_bits[i] | bit
+                self.any_user |= 1 << index
+            for user in rule.users or ():
+                self.users[user] = self.users.get(user, 0) | 1 << index
 
     def first(
         self, source: str | None, destination: str, port: int, user: bytes
     ) -> int:
         """The index of the first matching rule, or -1."""
-        version, address = source_key(source)
-        bits = self.any_source
-        for mask, table in self.source4 if version == 4 else self.source6:
-            bits |= table.get(address & mask, 0)
-        if not bits:
-            return -1
-        target = destination_key(destination)
-        found = self.any_destination
-        for mask, table in self.destination4:
-            found |= table.get(target & mask, 0)
-        bits &= found
-        if not bits:
-            return -1
-        bits &= (
-            self.any_port
-            | self.eq.get(port, 0)
-            | (self.neq_all ^ self.neq.get(port, 0))
-            | self.upper_bits[bisect_left(self.upper, port)]
-            | self.lower_bits[bisect_right(self.lower, port)]
-        )
-        bits &= self.any_user | self.users.get(user, 0)
+        target = destination_key(destination)  # raises for a non-IPv4 one
+        bits = self.sources(*source_key(source))
+        if bits:
+            bits &= self.destinations(4, target)
+        if bits:
+            bits &= self.ports(port) & (self.any_user | self.users.get(user, 0))
         return (bits & -bits).bit_length() - 1
 
 
@@ -486,23 +498,40 @@ def _is_ipv6_network(token: str) -> bool:
     return True
 
 
+def _ipv6_span(token: re.Match[str]) -> tuple[int, int] | None:
+    """Where an IPv6 address or prefix stands at the start of a token."""
+    start, text = token.start(), token[0]
+    slash = text.find("/")
+    colon = text.find(":", slash) if slash >= 0 else -1
+    if colon >= 0:
+        text = text[:colon]  # a ":" behind the /prefix starts the command
+    if ":" in text and _is_ipv6_network(text):
+        return start, start + len(text)
+    return None
+
+
 def _split_command(text: str) -> tuple[list[str], str | None]:
     """
     The rule's tokens and its C{: command}.  As in the reference, the
-    command starts at the first C{:}, except one inside an IPv6 source
-    prefix (our extension; it can only stand right after the options).
+    command starts at the first C{:}, except one inside an IPv6 address
+    where the source or the destination stands (our extension; SOCKS4
+    has no IPv6 destinations, but the error should say so).
     """
     tokens = list(re.finditer(r"\S+", text))
-    skip = (0, 0)
-    position = 1
-    while position < len(tokens) and tokens[position][0].startswith(("?=", "*=")):
-        position += 1
-    if position < len(tokens):
-        source = tokens[position][0]
-        if ":" in source and _is_ipv6_network(source):
-            skip = tokens[position].span()
+    skips = []
+    at = 1
+    while at < len(tokens) and tokens[at][0].startswith(("?=", "*=")):
+        at += 1
+    for _ in ("source", "destination"):
+        if at >= len(tokens):
+            break
+        span = _ipv6_span(tokens[at])
+        if span is not None:
+            skips.append(span)
+        # A CIDR prefix stands alone, an address is followed by its mask.
+        at += 1 if span is not None or "/" in tokens[at][0] else 2
     for match in re.finditer(":", text):
-        if not skip[0] <= match.start() < skip[1]:
+        if not any(start <= match.start() < end for start, end in skips):
             command = text[match.end() :].strip()
             return text[: match.start()].split(), command or None
     return text.split(), None

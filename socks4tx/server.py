@@ -32,7 +32,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from socks4tx.bind import BindListener, BindMismatch, route_source_address
+from socks4tx.commands import command_values, run_rule_command
 from socks4tx.connect import connect_tcp
+from socks4tx.ident import IdentLookupFailed, lookup_ident
+from socks4tx.identwire import userid_matches
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy
@@ -56,6 +59,9 @@ log = Logger(namespace="socks4tx.server")
 HOLD_LIMIT = 64 * 1024
 
 
+IDENT_MODES = ("off", "optional", "required")
+
+
 @dataclass
 class Settings:
     """Everything a server takes from its options; times in seconds."""
@@ -70,6 +76,12 @@ class Settings:
     bind_address: str | None = None
     outgoing_address: str | None = None
     keepalive: bool = True
+    #: The server-wide ident mode, for rules without ?=: one of IDENT_MODES.
+    ident: str = "off"
+    ident_timeout: float = 15.0
+    ident_port: int = 113
+    run_rule_commands: bool = False
+    rule_command_timeout: float = 10.0
     #: (host, port) of this server's own listening sockets.
     listening: set[tuple[str, int]] = field(default_factory=set)
 
@@ -147,6 +159,7 @@ class SOCKS4Server(Protocol):
         self._remote: RemoteProtocol | None = None
         self._closing = False
         self._client_eof = False
+        self._ident_user: bytes | None = None
         self._logged = False
 
     # -- connection events ------------------------------------------------
@@ -251,12 +264,76 @@ class SOCKS4Server(Protocol):
         )
         self.session.rule = decision.rule
         if not decision.permit:
+            self._run_command(decision.command, request)
             raise Refused("rule")
+        mode = decision.ident or self.factory.settings.ident
+        if mode != "off":
+            await self._verify_ident(request, mode)
+        self._run_command(decision.command, request)
         if request.command is Command.CONNECT:
             remote = await self._connect(destination, request.port)
         else:
             remote = await self._bind(addresses)
         self._start_relay(remote)
+
+    async def _verify_ident(self, request: Request, mode: str) -> None:
+        """
+        RFC 1413: ask the client's identd who owns the connection.  A lookup
+        that fails is 92 when ident is required and nothing when optional;
+        identd naming another user is 93 in both modes.
+        """
+        settings = self.factory.settings
+        assert self.transport is not None
+        client, client_port = address_host_port(self.transport.getPeer())
+        local, server_port = address_host_port(self.transport.getHost())
+        try:
+            if client is None or client_port is None or server_port is None:
+                raise IdentLookupFailed("no-address", "the client has no IP address")
+            answer = await self.factory.ident_lookup(
+                self.factory.reactor,
+                client,
+                client_port,
+                server_port,
+                local,
+                identd_port=settings.ident_port,
+                timeout=settings.ident_timeout,
+            )
+        except IdentLookupFailed as failure:
+            self.session.ident = failure.outcome
+            if mode == "required":
+                self._run_command(self._event_command("no_identd_command"), request)
+                raise Refused(
+                    "ident-failed", ReplyCode.IDENTD_UNREACHABLE, failure.detail
+                ) from None
+            return
+        self._ident_user = answer.userid
+        self.session.ident = answer.userid.decode("utf-8", "backslashreplace")
+        if not userid_matches(answer.userid, request.userid):
+            self._run_command(self._event_command("bad_id_command"), request)
+            raise Refused("ident-mismatch", ReplyCode.IDENT_MISMATCH)
+
+    def _run_command(self, template: str | None, request: Request) -> None:
+        """Start a rule command, if there is one and commands are enabled."""
+        settings = self.factory.settings
+        if template is None or not settings.run_rule_commands:
+            return
+        values = command_values(
+            client=self.session.client,
+            command=request.command.label,
+            port=request.port,
+            userid=request.userid,
+            dst_ip=self.session.dst_ip or "",
+            dst_host=request.hostname,
+            ident_user=self._ident_user,
+        )
+        run_rule_command(
+            self.factory.reactor, template, values, settings.rule_command_timeout
+        )
+
+    def _event_command(self, name: str) -> str | None:
+        """The rules file's #NO_IDENTD: or #BAD_ID: command, if any."""
+        command: str | None = getattr(self.factory.policy, name, None)
+        return command
 
     async def _destination(self, request: Request) -> list[str]:
         """The destination's IPv4 addresses, resolving a 4A name."""
@@ -445,6 +522,8 @@ class SOCKS4Factory(ServerFactory):
 
             resolver = createResolver()
         self.resolver = resolver
+        #: The RFC 1413 client; tests put a fake here.
+        self.ident_lookup = lookup_ident
 
     def listening_on(self, address: IAddress) -> None:
         """Record one of this server's listening addresses (see L{is_own_listener})."""

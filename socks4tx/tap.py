@@ -8,6 +8,7 @@ deployments behave the same.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from socks4tx import __version__
-from socks4tx.server import Settings, SOCKS4Factory
+from socks4tx.reload import RulesReloader
+from socks4tx.rules import RulesError, load_rules
+from socks4tx.server import IDENT_MODES, Settings, SOCKS4Factory
 from socks4tx.session import describe
 
 log = Logger(namespace="socks4tx.listen")
@@ -47,6 +50,19 @@ def _length(value: str) -> int:
     if not 0 <= length <= 65535:
         raise ValueError(f"{value!r} is not a length from 0 to 65535")
     return length
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value!r} is not a port number")
+    return port
+
+
+def _ident_mode(value: str) -> str:
+    if value not in IDENT_MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(IDENT_MODES)}")
+    return value
 
 
 def _ipv4(value: str) -> str:
@@ -78,6 +94,12 @@ class Options(usage.Options):
             "no-keepalive",
             None,
             "Don't set TCP keepalive on client and destination connections.",
+        ],
+        [
+            "run-rule-commands",
+            None,
+            "Run the commands of the rules file (': command', #NO_IDENTD:,"
+            " #BAD_ID:); off by default.",
         ],
     ]
     optParameters = [  # noqa: RUF012
@@ -147,6 +169,42 @@ class Options(usage.Options):
             " choice).",
             _coerced(_ipv4),
         ],
+        [
+            "rules",
+            None,
+            None,
+            "A rules file in the sockd.conf language (default: built-in, loopback"
+            " clients only). SIGHUP reloads it.",
+        ],
+        [
+            "ident",
+            None,
+            "off",
+            "Server-wide RFC 1413 check of the USERID: off, optional or required"
+            " (a rule's ?=I/?=i/?=n overrides it).",
+            _coerced(_ident_mode),
+        ],
+        [
+            "ident-timeout",
+            None,
+            15.0,
+            "Seconds for an ident lookup (connect and answer).",
+            _coerced(_positive_seconds),
+        ],
+        [
+            "ident-port",
+            None,
+            113,
+            "Port of the client's identd (for tests; RFC 1413 says 113).",
+            _coerced(_port),
+        ],
+        [
+            "rule-command-timeout",
+            None,
+            10.0,
+            "Seconds a rule command may run before it is killed.",
+            _coerced(_positive_seconds),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -168,6 +226,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self["ruleset"] = None
+        if self["rules"] is not None:
+            try:
+                self["ruleset"] = load_rules(self["rules"])
+            except (RulesError, OSError) as error:
+                # Every error, with its line, and no usage text around it.
+                print(f"socks4: cannot load the rules:\n{error}", file=sys.stderr)
+                raise SystemExit(2) from None
 
     def settings(self) -> Settings:
         return Settings(
@@ -181,6 +247,11 @@ class Options(usage.Options):
             bind_address=self["bind-address"],
             outgoing_address=self["outgoing-address"],
             keepalive=not self["no-keepalive"],
+            ident=self["ident"],
+            ident_timeout=self["ident-timeout"],
+            ident_port=self["ident-port"],
+            run_rule_commands=self["run-rule-commands"],
+            rule_command_timeout=self["rule-command-timeout"],
         )
 
 
@@ -241,9 +312,13 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    factory = SOCKS4Factory(reactor, options.settings())
+    factory = SOCKS4Factory(reactor, options.settings(), policy=options["ruleset"])
     endpoints = [
         (description, serverFromString(reactor, description))
         for description in options["listen"]
     ]
-    return ListenerService(endpoints, factory)
+    top = service.MultiService()
+    ListenerService(endpoints, factory).setServiceParent(top)
+    if options["rules"] is not None:
+        RulesReloader(options["rules"], factory, reactor).setServiceParent(top)
+    return top

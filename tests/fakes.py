@@ -24,7 +24,7 @@ from twisted.names import dns
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from socks4tx.rules import Policy
+from socks4tx.rules import Decision, Policy
 from socks4tx.server import Settings, SOCKS4Factory, SOCKS4Server
 from socks4tx.wire import Command, Reply, ReplyCode, Request
 
@@ -228,6 +228,30 @@ def a_records(name: str, *addresses: str) -> LookupResult:
             record = dns.Record_AAAA(address, 60)
             answers.append(dns.RRHeader(name.encode(), dns.AAAA, dns.IN, 60, record))
     return answers, [], []
+
+
+class ScriptedPolicy:
+    """
+    A policy that records its questions and answers each with one
+    decision; it names the event commands a rules file may carry.
+    """
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        self.questions: list[tuple[object, ...]] = []
+        self.no_identd_command = "no-identd %a"
+        self.bad_id_command = "bad-id %U %u"
+
+    def decide(
+        self,
+        source: str | None,
+        destination: str,
+        port: int,
+        userid: bytes,
+        command: Command,
+    ) -> Decision:
+        self.questions.append((source, destination, port, userid, command))
+        return self.decision
 
 
 class Proxy:

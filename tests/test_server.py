@@ -14,6 +14,7 @@ from fakes import (
     OUTGOING_ADDRESS,
     REJECTED,
     Proxy,
+    ScriptedPolicy,
     connect_request,
     reply_bytes,
 )
@@ -328,28 +329,9 @@ def test_remote_ipv6_clients_denied(proxy: Proxy, peer: IAddress) -> None:
     proxy.assert_ended(REJECTED, 91, "rule")
 
 
-class Recording:
-    """A policy that records its questions and answers as told."""
-
-    def __init__(self, permit: bool) -> None:
-        self.permit = permit
-        self.questions: list[tuple[object, ...]] = []
-
-    def decide(
-        self,
-        source: str | None,
-        destination: str,
-        port: int,
-        userid: bytes,
-        command: Command,
-    ) -> Decision:
-        self.questions.append((source, destination, port, userid, command))
-        return Decision(self.permit, "rules:12")
-
-
 @pytest.mark.parametrize("permit", [True, False])
 def test_policy_decides_on_the_resolved_destination(proxy: Proxy, permit: bool) -> None:
-    policy = Recording(permit)
+    policy = ScriptedPolicy(Decision(permit, "rules:12"))
     proxy.start(policy=policy)
     proxy.send(connect_request("0.0.0.1", 443, b"bob", hostname=b"example.com"))
     assert policy.questions == []  # resolve first, then decide
