@@ -740,6 +740,26 @@ socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
 """
 
 
+def rules_file(count: int) -> str:
+    """
+    A rules file of C{count} rules whose last one permits the load (loopback
+    clients): the others miss, by source, destination or port, with a mix
+    of masks, so every lookup passes all of them (issue 3's 1-rule vs
+    1,000-rule handshake case).
+    """
+    lines = []
+    for i in range(count - 1):
+        source = f"172.{16 + i % 16}.{i // 16 % 256}.0/{16 + i % 17}"
+        if i % 3 == 0:
+            lines.append(f"deny {source}")
+        elif i % 3 == 1:
+            lines.append(f"permit {source} 10.{i % 256}.0.0 255.255.0.0 eq {1 + i}")
+        else:
+            lines.append(f"deny ?=i *=user{i} 0.0.0.0/0 0.0.0.0/0 lt 1")
+    lines.append("permit 127.0.0.0/8")
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     """
@@ -767,6 +787,24 @@ PEERS: dict[str, PeerSpec] = {
              "--listen", "tcp:{port}:interface=127.0.0.1"),
             env={"PYTHONPATH": "{root}"},
             probe=probe_twistd_plugin("socks4"),
+        ),
+        PeerSpec(
+            "socks4tx-rules1",
+            ("{twistd}", "-n", "--pidfile=", "socks4",
+             "--listen", "tcp:{port}:interface=127.0.0.1",
+             "--rules", "{dir}/rules.conf"),
+            env={"PYTHONPATH": "{root}"},
+            files={"rules.conf": rules_file(1)},
+            probe=probe_twistd_plugin("socks4", "--rules"),
+        ),
+        PeerSpec(
+            "socks4tx-rules1000",
+            ("{twistd}", "-n", "--pidfile=", "socks4",
+             "--listen", "tcp:{port}:interface=127.0.0.1",
+             "--rules", "{dir}/rules.conf"),
+            env={"PYTHONPATH": "{root}"},
+            files={"rules.conf": rules_file(1000)},
+            probe=probe_twistd_plugin("socks4", "--rules"),
         ),
         PeerSpec(
             "socks4tx-w2",
