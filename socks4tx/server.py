@@ -12,6 +12,7 @@ client that leaves cancels whatever is pending.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from dataclasses import dataclass, field
 
@@ -36,9 +37,10 @@ from socks4tx.commands import command_values, run_rule_command
 from socks4tx.connect import connect_tcp
 from socks4tx.ident import IdentLookupFailed, lookup_ident
 from socks4tx.identwire import userid_matches
+from socks4tx.limits import DEFAULT_MAX_PER_SOURCE, Sessions, default_max_connections
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
-from socks4tx.rules import LoopbackOnly, Policy
+from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
 from socks4tx.session import Session, address_host_port
 from socks4tx.wire import (
     SOCKS5_NO_ACCEPTABLE_METHOD,
@@ -82,6 +84,11 @@ class Settings:
     ident_port: int = 113
     run_rule_commands: bool = False
     rule_command_timeout: float = 10.0
+    #: Sessions at once, in total and from one client address (0: no limit).
+    max_connections: int = field(default_factory=default_max_connections)
+    max_connections_per_source: int = DEFAULT_MAX_PER_SOURCE
+    #: Seconds sessions may go on after a shutdown began.
+    shutdown_grace: float = 10.0
     #: (host, port) of this server's own listening sockets.
     listening: set[tuple[str, int]] = field(default_factory=set)
 
@@ -107,6 +114,30 @@ def set_keepalive(transport: ITransport | None, enabled: bool) -> None:
     if enabled and set_option is not None:
         with contextlib.suppress(OSError):
             set_option(1)
+
+
+def is_sensitive_destination(address: str) -> bool:
+    """
+    Loopback (127.0.0.0/8) and link-local (169.254.0.0/16) destinations:
+    services that trust this host (local admin ports, the cloud metadata
+    service at 169.254.169.254) and that a remote client must not reach
+    through us unless a rule names them.
+    """
+    packed = pack_ipv4(address)
+    return packed[0] == 127 or packed[:2] == b"\xa9\xfe"
+
+
+def client_source(address: IAddress | None) -> str | None:
+    """The client's address as limits count it (IPv4-mapped as IPv4)."""
+    if address is None:
+        return None
+    return _normalized_host(address_host_port(address)[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized_host(host: str | None) -> str | None:
+    parsed = source_address(host)
+    return str(parsed) if parsed is not None else host
 
 
 def in_this_network(address: str) -> bool:
@@ -147,6 +178,8 @@ class SOCKS4Server(Protocol):
 
     factory: SOCKS4Factory
     session: Session
+    #: The client's address as the limits count it.
+    source: str | None = None
 
     def __init__(self) -> None:
         self._parser: RequestParser | None = None
@@ -266,6 +299,13 @@ class SOCKS4Server(Protocol):
         if not decision.permit:
             self._run_command(decision.command, request)
             raise Refused("rule")
+        if (
+            request.command is Command.CONNECT
+            and is_sensitive_destination(destination)
+            and not decision.explicit_destination
+            and not is_local_client(self.session.client)
+        ):
+            raise Refused("destination-refused", detail="loopback or link-local")
         mode = decision.ident or self.factory.settings.ident
         if mode != "off":
             await self._verify_ident(request, mode)
@@ -494,6 +534,28 @@ class SOCKS4Server(Protocol):
             self.session.bytes_up = self._relay.bytes_up
             self.session.bytes_down = self._relay.bytes_down
         self.session.end(self.factory.clock.seconds())
+        self.factory.sessions.remove(self, self.source)
+
+    def abort(self) -> None:
+        """Close the session now (at the end of a shutdown's grace)."""
+        if self._relay is not None:
+            self._relay.abort()
+        elif self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class _OverLimit(Protocol):
+    """A connection over a limit: logged and closed before anything is read."""
+
+    def __init__(self, factory: SOCKS4Factory) -> None:
+        self.factory = factory
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        client, client_port = address_host_port(self.transport.getPeer())
+        now = self.factory.clock.seconds()
+        Session(client, client_port, now, reason="limit").end(now)
+        self.transport.loseConnection()
 
 
 class SOCKS4Factory(ServerFactory):
@@ -524,6 +586,9 @@ class SOCKS4Factory(ServerFactory):
         self.resolver = resolver
         #: The RFC 1413 client; tests put a fake here.
         self.ident_lookup = lookup_ident
+        self.sessions = Sessions(
+            self.settings.max_connections, self.settings.max_connections_per_source
+        )
 
     def listening_on(self, address: IAddress) -> None:
         """Record one of this server's listening addresses (see L{is_own_listener})."""
@@ -532,6 +597,12 @@ class SOCKS4Factory(ServerFactory):
             self.settings.listening.add((host, port))
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        source = client_source(addr)
+        if not self.sessions.admit(source):
+            self.sessions.refused += 1
+            return _OverLimit(self)
         protocol = SOCKS4Server()
         protocol.factory = self
+        protocol.source = source
+        self.sessions.add(protocol, source)
         return protocol

@@ -21,12 +21,18 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from socks4tx import __version__
+from socks4tx.limits import (
+    DEFAULT_MAX_PER_SOURCE,
+    default_max_connections,
+    raise_open_file_limit,
+)
 from socks4tx.reload import RulesReloader
 from socks4tx.rules import RulesError, load_rules
 from socks4tx.server import IDENT_MODES, Settings, SOCKS4Factory
 from socks4tx.session import describe
 
 log = Logger(namespace="socks4tx.listen")
+limits_log = Logger(namespace="socks4tx.limits")
 
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
 
@@ -57,6 +63,13 @@ def _port(value: str) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(f"{value!r} is not a port number")
     return port
+
+
+def _count(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"{value!r} is not a count (0 or more)")
+    return count
 
 
 def _ident_mode(value: str) -> str:
@@ -205,6 +218,28 @@ class Options(usage.Options):
             "Seconds a rule command may run before it is killed.",
             _coerced(_positive_seconds),
         ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Sessions at once (default: what the open-file limit, raised to its"
+            " hard limit at start-up, can hold at 3 descriptors a session).",
+            _coerced(_count),
+        ],
+        [
+            "max-connections-per-source",
+            None,
+            DEFAULT_MAX_PER_SOURCE,
+            "Sessions at once from one client address (0: no limit).",
+            _coerced(_count),
+        ],
+        [
+            "shutdown-grace",
+            None,
+            10.0,
+            "On SIGTERM, seconds relaying sessions may go on before they are closed.",
+            _coerced(_seconds),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -252,6 +287,13 @@ class Options(usage.Options):
             ident_port=self["ident-port"],
             run_rule_commands=self["run-rule-commands"],
             rule_command_timeout=self["rule-command-timeout"],
+            max_connections=(
+                default_max_connections()
+                if self["max-connections"] is None
+                else self["max-connections"]
+            ),
+            max_connections_per_source=self["max-connections-per-source"],
+            shutdown_grace=self["shutdown-grace"],
         )
 
 
@@ -299,11 +341,28 @@ class ListenerService(service.Service):
         return port
 
     def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop accepting, then let the sessions in progress finish, for up to
+        the shutdown grace; close what is left then.
+        """
         super().stopService()
         ports, self.ports = self.ports, []
-        return defer.gatherResults(
+        sessions = self.factory.sessions
+        if sessions:
+            log.info(
+                "shutting down: {count} sessions may finish within {grace} s",
+                count=len(sessions),
+                grace=self.factory.settings.shutdown_grace,
+            )
+        return defer.Deferred.fromCoroutine(self._stop(ports))
+
+    async def _stop(self, ports: list[IListeningPort]) -> None:
+        await defer.gatherResults(
             [defer.maybeDeferred(port.stopListening) for port in ports]
-        ).addCallback(lambda _: None)
+        )
+        await self.factory.sessions.drain(
+            self.factory.clock, self.factory.settings.shutdown_grace
+        )
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
@@ -312,7 +371,17 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    factory = SOCKS4Factory(reactor, options.settings(), policy=options["ruleset"])
+    soft, hard = raise_open_file_limit()
+    settings = options.settings()
+    limits_log.info(
+        "open files: soft limit {soft} raised to the hard limit {hard};"
+        " sessions at most {max_connections}, {per_source} a client address",
+        soft=soft,
+        hard=hard,
+        max_connections=settings.max_connections,
+        per_source=settings.max_connections_per_source,
+    )
+    factory = SOCKS4Factory(reactor, settings, policy=options["ruleset"])
     endpoints = [
         (description, serverFromString(reactor, description))
         for description in options["listen"]
