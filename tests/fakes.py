@@ -263,6 +263,11 @@ class Proxy:
     Use it as a context manager: it captures log events while open.
     """
 
+    #: The class of the connections the helpers hand to the server (the
+    #: outgoing connection, BIND inbound connections); a test may put a
+    #: subclass of L{FakeTransport} here to watch them from the start.
+    transport_class: type[FakeTransport] = FakeTransport
+
     def __init__(self) -> None:
         self.events: list[LogEvent] = []
         self.reactor = FakeReactor()
@@ -315,7 +320,7 @@ class Proxy:
         host, port, factory, _, _ = self.connect_attempt()
         destination = IPv4Address("TCP", host, port)
         protocol = factory.buildProtocol(destination)
-        remote = FakeTransport(protocol, local, destination)
+        remote = self.transport_class(protocol, local, destination)
         self.connect_done = True
         protocol.makeConnection(remote)
         self.remotes.append(remote)
@@ -342,7 +347,7 @@ class Proxy:
         protocol = factory.buildProtocol(peer)
         if protocol is None:
             return None
-        inbound = FakeTransport(protocol, listening.getHost(), peer)
+        inbound = self.transport_class(protocol, listening.getHost(), peer)
         protocol.makeConnection(inbound)
         self.inbound.append(inbound)
         return inbound
