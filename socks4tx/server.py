@@ -192,6 +192,7 @@ class SOCKS4Server(Protocol):
         self._remote: RemoteProtocol | None = None
         self._closing = False
         self._client_eof = False
+        self._shut_down = False
         self._ident_user: bytes | None = None
         self._logged = False
 
@@ -523,7 +524,10 @@ class SOCKS4Server(Protocol):
             relay.client.read_connection_lost()
 
     def _relay_finished(self, relay: Relay) -> None:
-        self.session.reason = "timeout" if relay.timed_out else "relayed"
+        if self._shut_down:
+            self.session.reason = "shutdown"
+        else:
+            self.session.reason = "timeout" if relay.timed_out else "relayed"
         self._log_session()
 
     def _log_session(self) -> None:
@@ -538,6 +542,8 @@ class SOCKS4Server(Protocol):
 
     def abort(self) -> None:
         """Close the session now (at the end of a shutdown's grace)."""
+        self._shut_down = True
+        self.session.reason = self.session.reason or "shutdown"
         if self._relay is not None:
             self._relay.abort()
         elif self.transport is not None:

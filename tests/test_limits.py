@@ -180,3 +180,23 @@ def test_remote_clients_reach_ordinary_destinations(proxy: Proxy) -> None:
     proxy.start(policy=ScriptedPolicy(Decision(True, "f:1")), peer=REMOTE_CLIENT)
     proxy.send(connect_request("198.51.100.5", 80))
     assert proxy.connect_attempt()[:2] == ("198.51.100.5", 80)
+
+
+def test_sessions_closed_by_a_shutdown_say_so(proxy: Proxy) -> None:
+    proxy.start()
+    proxy.send(connect_request("127.0.0.1", 80))
+    remote = proxy.connection_succeeds()
+    proxy.protocol.abort()
+    proxy.client.deliver_close()
+    remote.deliver_close()
+    event = proxy.session()
+    assert (event["reply"], event["reason"]) == (90, "shutdown")
+
+
+def test_handshakes_closed_by_a_shutdown_say_so(proxy: Proxy) -> None:
+    proxy.start()
+    proxy.send(b"\x04\x01")
+    proxy.protocol.abort()
+    proxy.client.deliver_close()
+    event = proxy.session()
+    assert (event["reply"], event["reason"]) == (None, "shutdown")
