@@ -20,6 +20,7 @@ class _Outgoing(RemoteProtocol):
     factory: _ConnectFactory
 
     def connectionMade(self) -> None:
+        self.factory.connector = None  # (a cycle: connector.factory)
         connected = self.factory.connected
         if not connected.called:
             connected.callback(self)
@@ -38,6 +39,7 @@ class _ConnectFactory(ClientFactory):
         return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.connector = None
         if not self.connected.called:
             self.connected.errback(reason)
 

@@ -110,6 +110,10 @@ class RelayEnd:
         self.relay.end_lost()
 
 
+def _finished_already(*args: object) -> None:
+    """What a released relay calls instead of its owner."""
+
+
 class Relay:
     """
     Relays bytes between a SOCKS client and its destination.
@@ -177,6 +181,13 @@ class Relay:
         for end in (self.client, self.server):
             if not end.lost:
                 end.transport.abortConnection()
+
+    def release(self) -> None:
+        """Drop the links between the relay and its ends (a finished relay)."""
+        self.on_finished = _finished_already
+        for end in (self.client, self.server):
+            end.write_to_peer = _finished_already
+            del end.peer, end.relay
 
     def end_lost(self) -> None:
         if self._finished or not (self.client.lost and self.server.lost):

@@ -38,6 +38,7 @@ from socks4tx.connect import connect_tcp
 from socks4tx.ident import IdentLookupFailed, lookup_ident
 from socks4tx.identwire import userid_matches
 from socks4tx.limits import DEFAULT_MAX_PER_SOURCE, Sessions, default_max_connections
+from socks4tx.memory import IdleRelease
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
@@ -538,7 +539,25 @@ class SOCKS4Server(Protocol):
             self.session.bytes_up = self._relay.bytes_up
             self.session.bytes_down = self._relay.bytes_down
         self.session.end(self.factory.clock.seconds())
-        self.factory.sessions.remove(self, self.source)
+        self._release()
+        sessions = self.factory.sessions
+        sessions.remove(self, self.source)
+        self.factory.idle_release.session_ended(idle=not sessions)
+
+    def _release(self) -> None:
+        """
+        Break the finished session's reference cycles (protocol, relay,
+        Deferreds), so that reference counting frees it at once rather than
+        a full garbage collection some time later.
+        """
+        if self._relay is not None:
+            self._relay.release()
+        self.__dict__.pop("dataReceived", None)
+        self._relay = None
+        self._relay_end = None
+        self._remote = None
+        self._work = None
+        self._timer = None
 
     def abort(self) -> None:
         """Close the session now (at the end of a shutdown's grace)."""
@@ -595,6 +614,7 @@ class SOCKS4Factory(ServerFactory):
         self.sessions = Sessions(
             self.settings.max_connections, self.settings.max_connections_per_source
         )
+        self.idle_release = IdleRelease(self.clock)
 
     def listening_on(self, address: IAddress) -> None:
         """Record one of this server's listening addresses (see L{is_own_listener})."""
