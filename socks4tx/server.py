@@ -228,7 +228,13 @@ class SOCKS4Server(Protocol):
             self._client_eof = True
         else:
             # Before a complete request, or while a BIND waits for its peer,
-            # EOF means the client gave up: cancel what is pending.
+            # EOF means the client gave up: cancel what is pending now (the
+            # close itself completes a reactor turn later, and nothing may be
+            # written to the client meanwhile).
+            self._closing = True
+            self.session.reason = self.session.reason or "client-gone"
+            if self._work is not None and not self._work.called:
+                self._work.cancel()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
