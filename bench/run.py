@@ -1437,18 +1437,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ("connect_seconds", 0.1, 600),
         ("slow_trickle", 0, 15),
     ):
-        value = getattr(args, name)
-        if value is not None and not low <= value <= high:
-            parser.error(f"--{name.replace('_', '-')}: from {low} to {high}")
+        check_range(parser, args, name, low, high)
     return args
 
 
-def sizes_from(args: argparse.Namespace) -> Sizes:
-    quick = args.quick
+def check_range(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    name: str,
+    low: float,
+    high: float,
+) -> None:
+    """Refuse an option given outside [low, high] (None: not given)."""
+    value = getattr(args, name)
+    if value is not None and not low <= value <= high:
+        parser.error(f"--{name.replace('_', '-')}: from {low} to {high}")
+
+
+def picker(args: argparse.Namespace) -> Callable[[Any, Any, Any], Any]:
+    """pick(value, full, small): the option given, else the --quick or full size."""
 
     def pick(value: Any, full: Any, small: Any) -> Any:
-        return value if value is not None else (small if quick else full)
+        return value if value is not None else (small if args.quick else full)
 
+    return pick
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    pick = picker(args)
     return Sizes(
         stream1_mb=pick(args.stream_mb, 2000, 300),
         streams50_mb=pick(args.streams_mb, 40, 6),

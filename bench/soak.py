@@ -61,8 +61,10 @@ from run import (
     _probe_output,
     _terminate,
     _twistd,
+    check_range,
     cpu_seconds,
     listener,
+    picker,
     print_table,
     probe_twistd_plugin,
     raise_nofile,
@@ -709,18 +711,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ("hold", 0, 3600),
         ("settle", 0, 60),
     ):
-        value = getattr(args, name)
-        if value is not None and not low <= value <= high:
-            parser.error(f"--{name.replace('_', '-')}: from {low} to {high}")
+        check_range(parser, args, name, low, high)
     return args
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    quick = args.quick
-
-    def pick(value: Any, full: Any, small: Any) -> Any:
-        return value if value is not None else (small if quick else full)
-
+    pick = picker(args)
     return Settings(
         connections=pick(args.connections, 8000, 500),
         sessions=pick(args.sessions, 200_000, 5_000),
