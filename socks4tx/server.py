@@ -106,7 +106,6 @@ class Refused(Exception):
         super().__init__(detail or reason)
         self.reason = reason
         self.reply = reply
-        self.detail = detail
 
 
 def set_keepalive(transport: ITransport | None, enabled: bool) -> None:
@@ -231,31 +230,31 @@ class SOCKS4Server(Protocol):
             # EOF means the client gave up: cancel what is pending now (the
             # close itself completes a reactor turn later, and nothing may be
             # written to the client meanwhile).
-            self._closing = True
-            self.session.reason = self.session.reason or "client-gone"
-            if self._work is not None and not self._work.called:
-                self._work.cancel()
+            self._client_gone()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # From here on nothing may be written: whatever the pending work
-        # ends with, the client is gone.
-        self._closing = True
         self._cancel_timer()
         if self._relay_end is not None:
             self._relay_end.connection_lost()
             return
-        if self._work is not None and not self._work.called:
-            self.session.reason = self.session.reason or "client-gone"
-            self._work.cancel()
+        self._client_gone()
         if self._remote is not None and self._remote.transport is not None:
             self._remote.transport.loseConnection()
-        if self.session.reason is None:
-            self.session.reason = "client-gone"
         self._log_session()
+
+    def _client_gone(self) -> None:
+        """
+        Nothing may be written to the client from now on, and whatever is
+        pending (lookups, connect, BIND listener) is cancelled.
+        """
+        self._closing = True
+        self.session.reason = self.session.reason or "client-gone"
+        if self._work is not None and not self._work.called:
+            self._work.cancel()
 
     # -- the handshake ----------------------------------------------------
 
@@ -322,6 +321,8 @@ class SOCKS4Server(Protocol):
             remote = await self._connect(destination, request.port)
         else:
             remote = await self._bind(addresses)
+        self._remote = remote
+        set_keepalive(remote.transport, self.factory.settings.keepalive)
         self._start_relay(remote)
 
     async def _verify_ident(self, request: Request, mode: str) -> None:
@@ -427,8 +428,6 @@ class SOCKS4Server(Protocol):
             raise
         except Exception as error:
             raise Refused("connect-failed", detail=str(error)) from None
-        self._remote = remote
-        set_keepalive(remote.transport, settings.keepalive)
         local_host, local_port = address_host_port(remote.transport.getHost())  # type: ignore[union-attr]
         self._reply(ReplyCode.GRANTED, local_port or 0, local_host or "0.0.0.0")
         return remote
@@ -460,8 +459,6 @@ class SOCKS4Server(Protocol):
             raise Refused("timeout", detail="no inbound BIND connection") from None
         finally:
             listener.close()
-        self._remote = remote
-        set_keepalive(remote.transport, settings.keepalive)
         peer = remote.transport.getPeer()  # type: ignore[union-attr]
         assert isinstance(peer, IPv4Address)
         self._reply(ReplyCode.GRANTED, peer.port, peer.host)
