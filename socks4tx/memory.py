@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -39,8 +40,32 @@ def _malloc_trim() -> Callable[[], None]:
 trim_heap = _malloc_trim()
 
 
-def release_memory() -> None:
-    """One full collection, then free heap pages back to the system."""
+#: Container types that a copy of themselves rebuilds at their present size.
+_REBUILDABLE = (set, dict, Counter)
+#: The reactor's per-descriptor containers (epoll, poll and select reactors).
+_REACTOR_CONTAINERS = ("_reads", "_writes", "_selectables")
+
+
+def compact(owner: object, names: Iterable[str]) -> None:
+    """
+    Rebuild the sets and dicts C{owner.NAME} at their present size.
+
+    CPython never shrinks a set or dict's table when items are removed, so
+    one held for thousands of descriptors keeps its largest table, and
+    allocations made while it grew pin heap pages that would otherwise be
+    freed.  A copy is sized for what is left.  Only called when the server
+    is idle, never while the containers are being iterated.
+    """
+    for name in names:
+        value = getattr(owner, name, None)
+        if type(value) in _REBUILDABLE:
+            setattr(owner, name, type(value)(value))  # type: ignore[misc]
+
+
+def release_memory(*compactions: tuple[object, Iterable[str]]) -> None:
+    """Compact containers, collect once, then free heap pages to the system."""
+    for owner, names in compactions:
+        compact(owner, names)
     gc.collect()
     trim_heap()
 
@@ -48,8 +73,11 @@ def release_memory() -> None:
 class IdleRelease:
     """Calls L{release_memory} when the server is idle after a burst."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(
+        self, clock: IReactorTime, *compactions: tuple[object, Iterable[str]]
+    ) -> None:
         self.clock = clock
+        self.compactions = ((clock, _REACTOR_CONTAINERS), *compactions)
         self.ended = 0
         self._pending: IDelayedCall | None = None
 
@@ -64,4 +92,4 @@ class IdleRelease:
     def _release(self) -> None:
         self._pending = None
         self.ended = 0
-        release_memory()
+        release_memory(*self.compactions)

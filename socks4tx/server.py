@@ -617,7 +617,9 @@ class SOCKS4Factory(ServerFactory):
         self.sessions = Sessions(
             self.settings.max_connections, self.settings.max_connections_per_source
         )
-        self.idle_release = IdleRelease(self.clock)
+        self.idle_release = IdleRelease(
+            self.clock, (self.sessions, ("active", "by_source"))
+        )
 
     def listening_on(self, address: IAddress) -> None:
         """Record one of this server's listening addresses (see L{is_own_listener})."""

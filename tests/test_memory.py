@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections import Counter, defaultdict
+
 import pytest
 from twisted.internet.task import Clock
 
@@ -11,7 +14,7 @@ from socks4tx import memory
 @pytest.fixture
 def releases(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     calls: list[None] = []
-    monkeypatch.setattr(memory, "release_memory", lambda: calls.append(None))
+    monkeypatch.setattr(memory, "release_memory", lambda *_: calls.append(None))
     return calls
 
 
@@ -51,3 +54,56 @@ def test_new_activity_postpones_the_release(releases: list[None]) -> None:
 
 def test_release_memory_runs() -> None:
     memory.release_memory()  # a full collection and malloc_trim, no error
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.a_set = set(range(20_000))
+        self.a_dict = dict.fromkeys(range(20_000))
+        self.counts: Counter[str] = Counter({str(n): 1 for n in range(20_000)})
+        self.other: defaultdict[int, int] = defaultdict(int, {1: 1})
+        self.a_list = [1, 2]
+
+
+def test_compact_shrinks_grown_containers_and_keeps_their_contents() -> None:
+    owner = _Owner()
+    for n in range(19_990):
+        owner.a_set.discard(n)
+        del owner.a_dict[n]
+        del owner.counts[str(n)]
+    grown = (
+        sys.getsizeof(owner.a_set),
+        sys.getsizeof(owner.a_dict),
+        sys.getsizeof(owner.counts),
+    )
+    other, a_list = owner.other, owner.a_list
+    memory.compact(owner, ["a_set", "a_dict", "counts", "other", "a_list", "absent"])
+    assert owner.a_set == set(range(19_990, 20_000))
+    assert owner.a_dict == dict.fromkeys(range(19_990, 20_000))
+    assert type(owner.counts) is Counter
+    assert owner.counts == Counter({str(n): 1 for n in range(19_990, 20_000)})
+    now = (
+        sys.getsizeof(owner.a_set),
+        sys.getsizeof(owner.a_dict),
+        sys.getsizeof(owner.counts),
+    )
+    assert all(after * 10 < before for before, after in zip(grown, now, strict=True))
+    # Types a copy would not rebuild faithfully are left alone.
+    assert owner.other is other and owner.a_list is a_list
+
+
+def test_idle_release_compacts_the_reactor_and_the_given_owners(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[object, tuple[str, ...]]] = []
+    monkeypatch.setattr(memory, "compact", lambda o, n: seen.append((o, tuple(n))))
+    monkeypatch.setattr(memory, "trim_heap", lambda: None)
+    clock, owner = Clock(), _Owner()
+    idle = memory.IdleRelease(clock, (owner, ("a_set",)))
+    idle.ended = memory.RELEASE_AFTER_SESSIONS
+    idle.session_ended(idle=True)
+    clock.advance(memory.RELEASE_DELAY)
+    assert seen == [
+        (clock, ("_reads", "_writes", "_selectables")),
+        (owner, ("a_set",)),
+    ]
