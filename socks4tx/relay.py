@@ -10,7 +10,8 @@ finished when both connections are gone.
 The relay sees each connection through a L{RelayEnd}: the protocol that owns
 the connection forwards its events to it.  A faster relay can replace this
 one by offering the same face (L{Relay.client}, L{Relay.server},
-L{Relay.start}, the byte counters and C{on_finished}).
+L{Relay.start}, L{Relay.started}, the byte counters and C{on_finished}):
+L{socks4tx.splice.SpliceRelay} does.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Relay:
     """
 
     name = "portable"
+    #: The class of the two ends (a faster relay has its own).
+    end_class: type[RelayEnd] = RelayEnd
 
     def __init__(
         self,
@@ -136,8 +139,8 @@ class Relay:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.on_finished = on_finished
-        self.client = RelayEnd(self, client)
-        self.server = RelayEnd(self, server)
+        self.client = self.end_class(self, client)
+        self.server = self.end_class(self, server)
         self.client.join(self.server)
         self.server.join(self.client)
         self.timed_out = False
@@ -168,6 +171,12 @@ class Relay:
             self.client.data_received(pending)
         if self.idle_timeout > 0:
             self._schedule_idle_check()
+
+    def started(self) -> None:
+        """
+        Called once both ends are joined and what came early is delivered:
+        the moment a faster relay may take the connections over.
+        """
 
     def close(self) -> None:
         """Close both connections after flushing what each has buffered."""

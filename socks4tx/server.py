@@ -43,6 +43,7 @@ from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
 from socks4tx.session import Session, address_host_port
+from socks4tx.splice import SpliceRelay, splice_available
 from socks4tx.wire import (
     SOCKS5_NO_ACCEPTABLE_METHOD,
     Command,
@@ -63,6 +64,8 @@ HOLD_LIMIT = 64 * 1024
 
 
 IDENT_MODES = ("off", "optional", "required")
+#: --relay: how relayed bytes move (see socks4tx.splice).
+RELAY_MODES = ("auto", "splice", "portable")
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Settings:
     max_connections_per_source: int = DEFAULT_MAX_PER_SOURCE
     #: Seconds sessions may go on after a shutdown began.
     shutdown_grace: float = 10.0
+    #: How relayed bytes move: one of RELAY_MODES.
+    relay: str = "auto"
     #: (host, port) of this server's own listening sockets.
     listening: set[tuple[str, int]] = field(default_factory=set)
 
@@ -508,7 +513,7 @@ class SOCKS4Server(Protocol):
         pending = b"".join(self._held)
         self._held = []
         assert self.transport is not None and remote.transport is not None
-        relay = Relay(
+        relay = self.factory.relay_class(
             self.transport,  # type: ignore[arg-type]
             remote.transport,  # type: ignore[arg-type]
             self.factory.clock,
@@ -526,6 +531,7 @@ class SOCKS4Server(Protocol):
         remote.attach(relay.server)
         if self._client_eof:
             relay.client.read_connection_lost()
+        relay.started()
 
     def _relay_finished(self, relay: Relay) -> None:
         if self._shut_down:
@@ -541,6 +547,7 @@ class SOCKS4Server(Protocol):
         if self._relay is not None:
             self.session.bytes_up = self._relay.bytes_up
             self.session.bytes_down = self._relay.bytes_down
+            self.session.relay = self._relay.name
         self.session.end(self.factory.clock.seconds())
         self._release()
         sessions = self.factory.sessions
@@ -570,6 +577,17 @@ class SOCKS4Server(Protocol):
             self._relay.abort()
         elif self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def relay_class_for(mode: str) -> type[Relay]:
+    """
+    The relay for a --relay mode: splicing where the platform has it (it
+    falls back per session to the portable relay when a connection is not
+    a plain socket), else portable.
+    """
+    if mode != "portable" and splice_available():
+        return SpliceRelay
+    return Relay
 
 
 class _OverLimit(Protocol):
@@ -617,6 +635,8 @@ class SOCKS4Factory(ServerFactory):
         self.sessions = Sessions(
             self.settings.max_connections, self.settings.max_connections_per_source
         )
+        #: The relay class sessions use (--relay).
+        self.relay_class: type[Relay] = relay_class_for(self.settings.relay)
         self.idle_release = IdleRelease(
             self.clock, (self.sessions, ("active", "by_source"))
         )

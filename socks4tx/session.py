@@ -59,6 +59,8 @@ class Session:
     bytes_up: int = 0
     bytes_down: int = 0
     duration: float = 0.0
+    #: The relay that moved the bytes: "splice" or "portable" (None: none ran).
+    relay: str | None = None
 
     def request(self, request: Request) -> None:
         """Record the request's fields."""
@@ -98,4 +100,5 @@ class Session:
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             duration=self.duration,
+            relay=self.relay,
         )

@@ -28,8 +28,9 @@ from socks4tx.limits import (
 )
 from socks4tx.reload import RulesReloader
 from socks4tx.rules import RulesError, load_rules
-from socks4tx.server import IDENT_MODES, Settings, SOCKS4Factory
+from socks4tx.server import IDENT_MODES, RELAY_MODES, Settings, SOCKS4Factory
 from socks4tx.session import describe
+from socks4tx.splice import splice_available
 
 log = Logger(namespace="socks4tx.listen")
 limits_log = Logger(namespace="socks4tx.limits")
@@ -72,10 +73,13 @@ def _count(value: str) -> int:
     return count
 
 
-def _ident_mode(value: str) -> str:
-    if value not in IDENT_MODES:
-        raise ValueError(f"{value!r} is not one of {', '.join(IDENT_MODES)}")
-    return value
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def choose(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return choose
 
 
 def _ipv4(value: str) -> str:
@@ -195,7 +199,7 @@ class Options(usage.Options):
             "off",
             "Server-wide RFC 1413 check of the USERID: off, optional or required"
             " (a rule's ?=I/?=i/?=n overrides it).",
-            _coerced(_ident_mode),
+            _coerced(_one_of(IDENT_MODES)),
         ],
         [
             "ident-timeout",
@@ -234,6 +238,16 @@ class Options(usage.Options):
             _coerced(_count),
         ],
         [
+            "relay",
+            None,
+            "auto",
+            "How relayed bytes move: splice (Linux zero-copy through a pipe,"
+            " the payload never enters Python), portable (Twisted's"
+            " producer/consumer) or auto (splice where the platform and the"
+            " connection allow it, else portable).",
+            _coerced(_one_of(RELAY_MODES)),
+        ],
+        [
             "shutdown-grace",
             None,
             10.0,
@@ -259,6 +273,11 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        if self["relay"] == "splice" and not splice_available():
+            raise usage.UsageError(
+                "--relay splice needs Linux and os.splice (Python 3.10 or"
+                " newer); use --relay auto or portable"
+            )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["ruleset"] = None
@@ -294,6 +313,7 @@ class Options(usage.Options):
             ),
             max_connections_per_source=self["max-connections-per-source"],
             shutdown_grace=self["shutdown-grace"],
+            relay=self["relay"],
         )
 
 

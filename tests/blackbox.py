@@ -42,6 +42,8 @@ CONNECT = 1
 BIND = 2
 GRANTED = 90
 REJECTED = 91
+#: The relays (--relay) the relay tests run against, each in turn.
+RELAYS = ("splice", "portable")
 
 _LISTENING = re.compile(r"listening on (\S+(?:\s*,\s*\S+)*)")
 _HOST_PORT = re.compile(r"\[?([0-9A-Za-z.:_-]+?)\]?:(\d+)$")

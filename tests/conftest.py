@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from blackbox import ThreadedServer, TwistdProcess, echo_handler, socks4_args
+from blackbox import RELAYS, ThreadedServer, TwistdProcess, echo_handler, socks4_args
 
 StartServer = Callable[..., TwistdProcess]
 
@@ -50,11 +50,18 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         _stop(server)
 
 
-@pytest.fixture(scope="module")
-def socks4_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdProcess]:
-    """One server with default options shared by a module's tests."""
+@pytest.fixture(scope="module", params=RELAYS)
+def socks4_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwistdProcess]:
+    """
+    One server with default options shared by a module's tests, once with
+    each relay.
+    """
     workdir = tmp_path_factory.mktemp("socks4")
-    server = TwistdProcess(socks4_args("--resolve-timeout", "2"), workdir)
+    server = TwistdProcess(
+        socks4_args("--resolve-timeout", "2", "--relay", request.param), workdir
+    )
     yield server
     _stop(server)
 

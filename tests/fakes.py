@@ -46,6 +46,7 @@ SESSION_FIELDS = frozenset(
         "bytes_up",
         "bytes_down",
         "duration",
+        "relay",
     }
 )
 

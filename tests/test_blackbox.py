@@ -20,6 +20,7 @@ from blackbox import (
     GRANTED,
     LOOPBACK,
     REJECTED,
+    RELAYS,
     ThreadedServer,
     TwistdProcess,
     assert_closed,
@@ -364,14 +365,17 @@ def test_handshake_timeout(start_server, partial: bytes) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("relay", RELAYS)
 @pytest.mark.parametrize("direction", ["up", "down"])
-def test_non_reading_peer_blocks_the_sender(start_server, direction: str) -> None:
+def test_non_reading_peer_blocks_the_sender(
+    start_server, direction: str, relay: str
+) -> None:
     """
     One side never reads, the other pushes up to 256 MiB: the pusher must be
     blocked, and the server's memory must not grow by more than 16 MiB.
     """
     limit = 256 * MiB
-    server = start_server()
+    server = start_server("--relay", relay)
     release = threading.Event()
     conns: queue.Queue[socket.socket] = queue.Queue()
 
@@ -415,8 +419,9 @@ def test_non_reading_peer_blocks_the_sender(start_server, direction: str) -> Non
 # -- the session log -----------------------------------------------------------
 
 
-def test_session_log_events(start_server) -> None:
-    server = start_server("--resolve-timeout", "2", json_log=True)
+@pytest.mark.parametrize("relay", RELAYS)
+def test_session_log_events(start_server, relay: str) -> None:
+    server = start_server("--resolve-timeout", "2", "--relay", relay, json_log=True)
     startup = server.log_events("socks4tx.listen")
     assert startup, server.log_events()
     assert f"{LOOPBACK}:{server.port}" in startup[0]["listeners"]
@@ -450,6 +455,7 @@ def test_session_log_events(start_server) -> None:
     assert event["bytes_up"] == 1000
     assert event["bytes_down"] == 3000
     assert isinstance(event["duration"], (int, float)) and event["duration"] >= 0
+    assert event["relay"] == relay
 
     # A refused CONNECT.
     refused = free_port()

@@ -26,7 +26,8 @@ def test_field_names_are_exactly_specs() -> None:
         "dst_port", "reply", "reason", "rule", "ident", "bytes_up", "bytes_down",
         "duration",
     }  # fmt: skip
-    assert spec == SESSION_FIELDS
+    # Issue 5 adds the relay that moved the bytes.
+    assert spec | {"relay"} == SESSION_FIELDS
 
 
 def ended(session: Session, now: float) -> LogEvent:
@@ -56,6 +57,7 @@ def test_event_of_a_session_that_never_sent_a_request() -> None:
         "bytes_up": 0,
         "bytes_down": 0,
         "duration": 2.5,
+        "relay": None,
     }
     formatEvent(event)  # formats without error
 
@@ -83,6 +85,7 @@ def test_event_as_a_json_line() -> None:
     session.request(Request(Command.CONNECT, 80, "198.51.100.5", b"\xff"))
     session.reply, session.reason = 90, "relayed"
     session.bytes_up, session.bytes_down = 3, 4
+    session.relay = "splice"
     event = ended(session, 0.25)
     record = json.loads(eventAsJSON(event))
     assert {name: record[name] for name in SESSION_FIELDS} == {
@@ -100,6 +103,7 @@ def test_event_as_a_json_line() -> None:
         "bytes_up": 3,
         "bytes_down": 4,
         "duration": 0.25,
+        "relay": "splice",
     }
 
 

@@ -1,0 +1,519 @@
+"""
+The zero-copy relay (Linux): socket -> pipe -> socket with C{os.splice}.
+
+A L{SpliceRelay} starts as the portable relay (L{socks4tx.relay.Relay}) and,
+once the session's first bytes are delivered, takes both sockets over from
+their Twisted transports: it removes the transports from the reactor and
+registers one descriptor object of its own per socket.  From then on a
+readable socket is spliced into a pipe and the pipe into the other socket;
+the payload never enters Python.  Flow control falls out of it: when the
+destination can't take what is in the pipe, the source is no longer read
+until the pipe has drained.
+
+Pipes cost two descriptors and kernel memory each, so a direction holds one
+only while bytes are in flight: it takes one from a L{PipePool} for a read
+and gives it back as soon as the pipe is empty again.  An idle session holds
+none.  If no pipe can be had (out of descriptors) the bytes are copied
+through Python for that read instead.
+
+The face the server sees is the portable relay's: the ends' byte counters,
+C{timed_out}, C{abort}, C{release} and C{on_finished}.  The end of a
+session goes through the transports' own C{connectionLost}, so the
+protocols are told exactly as they are by the reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IReactorFDSet,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from socks4tx.relay import Relay, RelayEnd
+
+
+def _no_splice(*args: object, **kwargs: object) -> int:
+    raise OSError(errno.ENOSYS, "os.splice is not available")
+
+
+_splice: Callable[..., int] = getattr(os, "splice", _no_splice)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: Reads (pipe fills) per readiness event, so one busy stream can't starve
+#: the others on a level-triggered reactor.
+READS_PER_EVENT = 4
+#: Bytes copied through Python in one read when no pipe can be had.
+COPY_CHUNK = 65536
+#: Reactor turns the take-over waits for Twisted's write buffers to drain
+#: before it gives up and leaves the session to the portable relay.
+TAKE_OVER_TRIES = 100
+
+
+def splice_available() -> bool:
+    """Whether this platform can splice (Linux, Python 3.10 or newer)."""
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+class PipePool:
+    """
+    Empty pipes, lent to a direction while bytes are in flight.
+
+    @ivar keep: idle pipes kept open for reuse; more are closed.
+    @ivar open: pipes open now (lent and idle).
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self.open = 0
+        self._idle: list[tuple[int, int]] = []
+        self._capacity = 0
+
+    @property
+    def capacity(self) -> int:
+        """Bytes a pipe holds (read back: an unprivileged user's pipes
+        shrink to two pages past pipe-user-pages-soft)."""
+        return self._capacity or 65536
+
+    def take(self) -> tuple[int, int]:
+        """An empty pipe (read end, write end); OSError when none can be made."""
+        if self._idle:
+            return self._idle.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.open += 1
+        if not self._capacity:
+            import fcntl
+
+            get_size = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+            self._capacity = fcntl.fcntl(write_end, get_size)
+        return read_end, write_end
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Take back an empty pipe."""
+        if len(self._idle) < self.keep:
+            self._idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    def discard(self, pipe: tuple[int, int]) -> None:
+        """Close a pipe (one that may still hold bytes nobody will read)."""
+        self.open -= 1
+        for fd in pipe:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the idle pipes."""
+        idle, self._idle = self._idle, []
+        for pipe in idle:
+            self.discard(pipe)
+
+
+#: The process's pool: pipes are shared by every session.
+pipes = PipePool()
+
+
+def _spliceable(transport: object) -> bool:
+    """A connected plain TCP (or UNIX) socket of Twisted's: no TLS, no wrapper."""
+    return (
+        isinstance(transport, tcp.Connection)
+        and getattr(transport, "connected", False)
+        and not getattr(transport, "disconnecting", False)
+        and not getattr(transport, "TLS", False)
+        and hasattr(transport, "socket")
+    )
+
+
+def _unsent(transport: Any) -> int:
+    """
+    Bytes still in a Twisted transport's write buffer (the reply, bytes
+    read behind the request).  These are L{twisted.internet.abstract.
+    FileDescriptor}'s internals: they must be flushed before the socket is
+    detached, and no public interface tells.
+    """
+    buffered: int = len(transport.dataBuffer) - transport.offset
+    return buffered + int(transport._tempDataLen)
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Socket:
+    """
+    One of the session's sockets, registered with the reactor in place of
+    its transport: reading it feeds C{outgoing}, writing it drains
+    C{incoming}.
+    """
+
+    __slots__ = (
+        "fd",
+        "incoming",
+        "outgoing",
+        "reactor",
+        "reading",
+        "relay",
+        "sock",
+        "writing",
+    )
+
+    def __init__(self, relay: SpliceRelay, sock: socket.socket) -> None:
+        self.relay = relay
+        self.reactor: IReactorFDSet = relay.reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.outgoing: _Direction
+        self.incoming: _Direction
+        self.reading = False
+        self.writing = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "socks4tx.splice"
+
+    def doRead(self) -> None:
+        self.outgoing.readable()
+
+    def doWrite(self) -> None:
+        self.incoming.writable()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Only the reactor calls this: it is shutting down.
+        self.relay.abort()
+
+    def start_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.reactor.addReader(self)
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.reactor.removeReader(self)
+
+    def start_writing(self) -> None:
+        if not self.writing:
+            self.writing = True
+            self.reactor.addWriter(self)
+
+    def stop_writing(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.reactor.removeWriter(self)
+
+
+class _Direction:
+    """Bytes read from C{source} and written to C{target}, counted on C{end}."""
+
+    __slots__ = (
+        "done",
+        "end",
+        "eof",
+        "head",
+        "in_pipe",
+        "pipe",
+        "relay",
+        "source",
+        "target",
+    )
+
+    def __init__(
+        self, relay: SpliceRelay, source: _Socket, target: _Socket, end: RelayEnd
+    ) -> None:
+        self.relay = relay
+        self.source = source
+        self.target = target
+        self.end = end
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0
+        #: Bytes copied through Python, not yet written (no pipe was had).
+        self.head = b""
+        self.eof = False
+        self.done = False
+
+    def readable(self) -> None:
+        """The source is readable: move up to a few pipefuls."""
+        for _ in range(READS_PER_EVENT):
+            if not self._read_once():
+                return
+
+    def _read_once(self) -> bool:
+        """One read and its write; whether the source may be read again."""
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = pipes.take()
+            except OSError:
+                return self._copy_once()
+        try:
+            count = _splice(self.source.fd, pipe[1], pipes.capacity, flags=_FLAGS)
+        except BlockingIOError:
+            self._give_back()
+            return False
+        except OSError as error:
+            self.relay.failed(error)
+            return False
+        if count == 0:
+            self._give_back()
+            self._end_of_file()
+            return False
+        self.in_pipe = count
+        return self._drain()
+
+    def _copy_once(self) -> bool:
+        try:
+            data = self.source.sock.recv(COPY_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            self.relay.failed(error)
+            return False
+        if not data:
+            self._end_of_file()
+            return False
+        self.head = data
+        return self._drain()
+
+    def _drain(self) -> bool:
+        """
+        Write what waits (copied bytes, then the pipe) to the target; True
+        once all is written, else the target is watched for writability and
+        the source no longer read.
+        """
+        try:
+            if self.head:
+                sent = self.target.sock.send(self.head)
+                self.end.bytes_received += sent
+                self.head = self.head[sent:]
+                if self.head:
+                    raise BlockingIOError
+            while self.in_pipe:
+                assert self.pipe is not None
+                moved = _splice(
+                    self.pipe[0], self.target.fd, self.in_pipe, flags=_FLAGS
+                )
+                if moved <= 0:
+                    raise BlockingIOError
+                self.in_pipe -= moved
+                self.end.bytes_received += moved
+        except BlockingIOError:
+            self.source.stop_reading()
+            self.target.start_writing()
+            return False
+        except OSError as error:
+            self.relay.failed(error)
+            return False
+        self._give_back()
+        return True
+
+    def writable(self) -> None:
+        """The target can take more: drain, then read the source again."""
+        if not self._drain():
+            return
+        self.target.stop_writing()
+        if self.eof:
+            self._shut_down_target()
+        elif not self.relay.finishing:
+            self.source.start_reading()
+
+    def _give_back(self) -> None:
+        if self.pipe is not None and not self.in_pipe:
+            pipes.give(self.pipe)
+            self.pipe = None
+
+    def _end_of_file(self) -> None:
+        self.eof = True
+        self.source.stop_reading()
+        if not (self.in_pipe or self.head):
+            self._shut_down_target()
+
+    def _shut_down_target(self) -> None:
+        """All of the source's bytes are written: half-close the target."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.target.sock.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self.relay.failed(error)
+            return
+        self.relay.direction_done()
+
+    def release(self) -> None:
+        """Close the pipe if one is still lent (bytes in it are dropped)."""
+        if self.pipe is not None:
+            if self.in_pipe:
+                pipes.discard(self.pipe)
+            else:
+                pipes.give(self.pipe)
+            self.pipe = None
+            self.in_pipe = 0
+        self.head = b""
+
+
+class _SpliceEnd(RelayEnd):
+    """A relay end that, once spliced, only records that its transport is gone."""
+
+    __slots__ = ()
+
+    def connection_lost(self) -> None:
+        relay = self.relay
+        if not isinstance(relay, SpliceRelay) or not relay.spliced:
+            super().connection_lost()
+            return
+        if not self.lost:
+            self.lost = True
+            self.read_done = True
+            relay.end_lost()
+
+
+class SpliceRelay(Relay):
+    """
+    The portable relay until the session's buffered bytes are out, then
+    socket -> pipe -> socket in the kernel.
+
+    @ivar name: C{"splice"} once the sockets are taken over; C{"portable"}
+        while they are not (and for good if the take-over wasn't possible).
+    """
+
+    name = "portable"
+    end_class = _SpliceEnd
+
+    spliced = False
+    #: The sockets are being closed: no direction starts reading again.
+    finishing = False
+    _sockets: tuple[_Socket, _Socket] | None = None
+    _directions: tuple[_Direction, _Direction] | None = None
+    #: Reactor turns waited so far for Twisted's buffers to drain.
+    _tries = 0
+
+    @property
+    def reactor(self) -> Any:
+        """The reactor (the relay's clock) that watches the sockets."""
+        return self.clock
+
+    # -- the take-over ----------------------------------------------------
+
+    def started(self) -> None:
+        """Called once the portable relay is running: try to take over."""
+        if not (
+            _spliceable(self.client.transport) and _spliceable(self.server.transport)
+        ):
+            return
+        # No new bytes enter Twisted's buffers from now on; what is in them
+        # is flushed by the reactor before the sockets change hands.
+        self.client.transport.pauseProducing()
+        self.server.transport.pauseProducing()
+        self._try_take_over()
+
+    def _try_take_over(self) -> None:
+        client, server = self.client, self.server
+        if (
+            self._finished
+            or client.lost
+            or server.lost
+            or client.read_done
+            or server.read_done
+        ):
+            self._stay_portable()
+            return
+        transports = (client.transport, server.transport)
+        if not all(_spliceable(t) for t in transports):
+            self._stay_portable()
+            return
+        if any(_unsent(t) for t in transports):
+            self._tries += 1
+            if self._tries > TAKE_OVER_TRIES:
+                # A peer that doesn't read: Twisted's flow control serves.
+                self._stay_portable()
+                return
+            self.clock.callLater(0 if self._tries < 10 else 0.01, self._try_take_over)
+            return
+        self._take_over()
+
+    def _stay_portable(self) -> None:
+        for end in (self.client, self.server):
+            if not end.lost and not end.read_done:
+                end.transport.resumeProducing()
+
+    def _take_over(self) -> None:
+        ends = (self.client, self.server)
+        for end in ends:
+            transport: Any = end.transport
+            transport.unregisterProducer()
+            transport.stopReading()
+            transport.stopWriting()
+        client = _Socket(self, self.client.transport.socket)  # type: ignore[attr-defined]
+        server = _Socket(self, self.server.transport.socket)  # type: ignore[attr-defined]
+        up = _Direction(self, client, server, self.client)
+        down = _Direction(self, server, client, self.server)
+        client.outgoing = server.incoming = up
+        server.outgoing = client.incoming = down
+        self._sockets = (client, server)
+        self._directions = (up, down)
+        self.spliced = True
+        self.name = "splice"
+        client.start_reading()
+        server.start_reading()
+
+    # -- the end ----------------------------------------------------------
+
+    def direction_done(self) -> None:
+        assert self._directions is not None
+        if all(direction.done for direction in self._directions):
+            self._finish(ConnectionDone("relayed"))
+
+    def failed(self, error: OSError) -> None:
+        """A socket error: the session is over, both sides are closed."""
+        if error.errno in (errno.ECONNRESET, errno.EPIPE):
+            self._finish(ConnectionLost(str(error)))
+        else:
+            self._finish(ConnectionLost(f"{error.__class__.__name__}: {error}"))
+
+    def abort(self) -> None:
+        if not self.spliced:
+            super().abort()
+            return
+        self._finish(ConnectionAborted("aborted"))
+
+    def close(self) -> None:
+        if not self.spliced:
+            super().close()
+
+    def _finish(self, reason: Exception) -> None:
+        """
+        Stop watching the sockets, return the pipes, and hand each
+        transport its C{connectionLost}: that closes the socket (with a
+        reset if aborted) and tells the protocol, as the reactor would.
+        """
+        if self.finishing or self._sockets is None:
+            return
+        self.finishing = True
+        for sock in self._sockets:
+            sock.stop_reading()
+            sock.stop_writing()
+        assert self._directions is not None
+        for direction in self._directions:
+            direction.release()
+        failure = Failure(reason)
+        for end in (self.client, self.server):
+            end.transport.connectionLost(failure)  # type: ignore[attr-defined]
+
+    def release(self) -> None:
+        super().release()
+        # The sockets and directions point at each other: unlink them so
+        # that reference counting frees them with the session.
+        for sock in self._sockets or ():
+            del sock.outgoing, sock.incoming, sock.relay
+        for direction in self._directions or ():
+            del direction.source, direction.target, direction.relay, direction.end
+        self._sockets = None
+        self._directions = None

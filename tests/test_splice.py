@@ -1,0 +1,177 @@
+"""
+The zero-copy relay: what only it can get wrong (the relay behaviour both
+relays share is tested against each in test_blackbox.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from blackbox import (
+    CONNECT,
+    GRANTED,
+    LOOPBACK,
+    ThreadedServer,
+    TwistdProcess,
+    recv_exact,
+    socks4_request,
+)
+
+from socks4tx import splice
+from socks4tx.relay import Relay
+from socks4tx.server import relay_class_for
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not splice.splice_available(), reason="needs Linux splice"),
+]
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """How many of the process's descriptors are sockets, pipes, others."""
+    kinds = {"socket": 0, "pipe": 0, "other": 0}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue
+        kind = link.split(":", 1)[0]
+        kinds[kind if kind in kinds else "other"] += 1
+    return kinds
+
+
+def test_relay_modes() -> None:
+    assert relay_class_for("portable") is Relay
+    assert relay_class_for("auto") is splice.SpliceRelay
+    assert relay_class_for("splice") is splice.SpliceRelay
+
+
+def test_pipe_pool_lends_reuses_and_bounds() -> None:
+    pool = splice.PipePool(keep=2)
+    pipes = [pool.take() for _ in range(4)]
+    assert pool.open == 4
+    assert pool.capacity >= 4096
+    read_end, write_end = pipes[0]
+    os.write(write_end, b"x")
+    assert os.read(read_end, 1) == b"x"
+    for pipe in pipes:
+        pool.give(pipe)
+    assert pool.open == 2  # two kept, two closed
+    assert pool.take() in pipes[:2]
+    pool.close()
+    assert pool.open == 1  # the one still lent
+
+
+@pytest.fixture
+def splicing(start_server) -> TwistdProcess:
+    return start_server("--relay", "splice", json_log=True)
+
+
+@pytest.fixture
+def echo_many() -> Iterator[ThreadedServer]:
+    def echo(conn: socket.socket) -> None:
+        conn.settimeout(30)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    with ThreadedServer(echo) as server:
+        yield server
+
+
+def test_idle_sessions_hold_no_pipes(
+    splicing: TwistdProcess, echo_many: ThreadedServer
+) -> None:
+    """
+    100 sessions, each having relayed 256 KiB both ways, then idle: the
+    server holds their 200 sockets and at most the pool's idle pipes, not
+    a pipe per session.
+    """
+    before = fd_kinds(splicing.pid)
+    socks = []
+    try:
+        for _ in range(100):
+            sock, reply = socks4_request(
+                splicing.address, CONNECT, echo_many.port, LOOPBACK
+            )
+            socks.append(sock)
+            assert reply.code == GRANTED
+            sock.sendall(b"p" * 262144)
+            assert recv_exact(sock, 262144) == b"p" * 262144
+        time.sleep(0.3)
+        held = fd_kinds(splicing.pid)
+        assert held["socket"] - before["socket"] == 200, held
+        assert held["pipe"] - before["pipe"] <= 2 * 4, held
+    finally:
+        for sock in socks:
+            sock.close()
+    sessions = [
+        event for event in splicing.session_events() if event["reason"] == "relayed"
+    ]
+    deadline = time.monotonic() + 10
+    while len(sessions) < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        sessions = [e for e in splicing.session_events() if e["reason"] == "relayed"]
+    assert len(sessions) == 100
+    assert {e["relay"] for e in sessions} == {"splice"}
+    assert {(e["bytes_up"], e["bytes_down"]) for e in sessions} == {(262144, 262144)}
+
+
+def test_idle_timeout_closes_a_spliced_session(start_server) -> None:
+    server = start_server("--relay", "splice", "--idle-timeout", "1", json_log=True)
+
+    def quiet(conn: socket.socket) -> bytes:
+        conn.settimeout(10)
+        data = recv_exact(conn, 5)
+        conn.sendall(b"world")
+        with contextlib.suppress(ConnectionResetError):
+            conn.recv(1)  # until the proxy closes (an abort: a reset)
+        return data
+
+    with ThreadedServer(quiet) as dest:
+        sock, reply = socks4_request(server.address, CONNECT, dest.port, LOOPBACK)
+        with sock:
+            assert reply.code == GRANTED
+            client_port = sock.getsockname()[1]
+            sock.sendall(b"hello")
+            assert recv_exact(sock, 5) == b"world"
+            started = time.monotonic()
+            sock.settimeout(10)
+            # Closed (with a reset, as by the portable relay) when idle.
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+            elapsed = time.monotonic() - started
+        assert dest.wait_results() == [b"hello"]
+    assert 0.9 < elapsed < 3, elapsed
+    event = server.wait_for_session(client_port)
+    assert (event["reason"], event["relay"]) == ("timeout", "splice")
+    assert (event["bytes_up"], event["bytes_down"]) == (5, 5)
+
+
+def test_reset_by_the_destination_ends_the_session(
+    splicing: TwistdProcess,
+) -> None:
+    """An RST from one side mid-relay closes the other and is logged."""
+
+    def resetting(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        recv_exact(conn, 4)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        conn.close()
+
+    with ThreadedServer(resetting) as dest:
+        sock, reply = socks4_request(splicing.address, CONNECT, dest.port, LOOPBACK)
+        with sock:
+            assert reply.code == GRANTED
+            client_port = sock.getsockname()[1]
+            sock.sendall(b"ping")
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+    event = splicing.wait_for_session(client_port)
+    assert event["relay"] == "splice"
+    assert event["bytes_up"] == 4
