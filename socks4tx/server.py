@@ -43,7 +43,7 @@ from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
 from socks4tx.session import Session, address_host_port
-from socks4tx.splice import SpliceRelay, splice_available
+from socks4tx.splice import EagerSpliceRelay, SpliceRelay, splice_available
 from socks4tx.wire import (
     SOCKS5_NO_ACCEPTABLE_METHOD,
     Command,
@@ -581,13 +581,14 @@ class SOCKS4Server(Protocol):
 
 def relay_class_for(mode: str) -> type[Relay]:
     """
-    The relay for a --relay mode: splicing where the platform has it (it
-    falls back per session to the portable relay when a connection is not
-    a plain socket), else portable.
+    The relay for a --relay mode where the platform can splice: C{splice}
+    splices every session from its start, C{auto} a session once it moves
+    bulk data.  Both fall back per session to the portable relay when a
+    connection is not a plain socket.
     """
-    if mode != "portable" and splice_available():
-        return SpliceRelay
-    return Relay
+    if mode == "portable" or not splice_available():
+        return Relay
+    return EagerSpliceRelay if mode == "splice" else SpliceRelay
 
 
 class _OverLimit(Protocol):

@@ -55,6 +55,11 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 READS_PER_EVENT = 4
 #: Bytes copied through Python in one read when no pipe can be had.
 COPY_CHUNK = 65536
+#: A read this large says the session moves bulk data: time to splice.
+#: Short exchanges (and idle sessions) stay on the portable relay, whose
+#: per-session cost is lower: the take-over costs a reactor turn and six
+#: epoll_ctl calls, and the splice objects ~0.7 KiB a session.
+BULK_READ = 16384
 #: Reactor turns the take-over waits for Twisted's write buffers to drain
 #: before it gives up and leaves the session to the portable relay.
 TAKE_OVER_TRIES = 100
@@ -69,13 +74,19 @@ class PipePool:
     """
     Empty pipes, lent to a direction while bytes are in flight.
 
+    Idle pipes are kept for reuse (making one costs three system calls) only
+    while some session is spliced: when the last one ends they are closed,
+    so a server with nothing spliced holds no pipe.
+
     @ivar keep: idle pipes kept open for reuse; more are closed.
     @ivar open: pipes open now (lent and idle).
+    @ivar users: spliced sessions now.
     """
 
     def __init__(self, keep: int = 64) -> None:
         self.keep = keep
         self.open = 0
+        self.users = 0
         self._idle: list[tuple[int, int]] = []
         self._capacity = 0
 
@@ -110,6 +121,17 @@ class PipePool:
         self.open -= 1
         for fd in pipe:
             os.close(fd)
+
+    def join(self) -> None:
+        """A session starts splicing."""
+        self.users += 1
+
+    def leave(self) -> None:
+        """A spliced session ended: the last one closes the idle pipes."""
+        self.users -= 1
+        if self.users <= 0:
+            self.users = 0
+            self.close()
 
     def close(self) -> None:
         """Close the idle pipes."""
@@ -360,9 +382,20 @@ class _Direction:
 
 
 class _SpliceEnd(RelayEnd):
-    """A relay end that, once spliced, only records that its transport is gone."""
+    """
+    A relay end that asks for the take-over when bulk bytes arrive, and,
+    once spliced, only records that its transport is gone.
+    """
 
     __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        self.write_to_peer(data)
+        if len(data) >= BULK_READ:
+            relay = self.relay
+            if isinstance(relay, SpliceRelay):
+                relay.bulk()
 
     def connection_lost(self) -> None:
         relay = self.relay
@@ -377,8 +410,9 @@ class _SpliceEnd(RelayEnd):
 
 class SpliceRelay(Relay):
     """
-    The portable relay until the session's buffered bytes are out, then
-    socket -> pipe -> socket in the kernel.
+    The portable relay until the session moves bulk data (a read of
+    L{BULK_READ} bytes or more), then, once the bytes Twisted buffered are
+    out, socket -> pipe -> socket in the kernel.
 
     @ivar name: C{"splice"} once the sockets are taken over; C{"portable"}
         while they are not (and for good if the take-over wasn't possible).
@@ -394,6 +428,12 @@ class SpliceRelay(Relay):
     _directions: tuple[_Direction, _Direction] | None = None
     #: Reactor turns waited so far for Twisted's buffers to drain.
     _tries = 0
+    #: The portable relay is running (the take-over may happen).
+    _running = False
+    #: Bulk data was seen (before L{started}, it waits for it).
+    _bulk_seen = False
+    #: A take-over was begun (it is tried once a session).
+    _taking_over = False
 
     @property
     def reactor(self) -> Any:
@@ -402,17 +442,23 @@ class SpliceRelay(Relay):
 
     # -- the take-over ----------------------------------------------------
 
+    #: Take over as soon as the relay runs, bulk or not (--relay splice).
+    eager = False
+
     def started(self) -> None:
-        """Called once the portable relay is running: try to take over."""
-        if not (
-            _spliceable(self.client.transport) and _spliceable(self.server.transport)
-        ):
+        """Called once the portable relay is running."""
+        self._running = True
+        if self._bulk_seen or self.eager:
+            self.bulk()
+
+    def bulk(self) -> None:
+        """Bulk data is moving: take the sockets over (once a session)."""
+        self._bulk_seen = True
+        if not self._running or self._taking_over:
             return
-        # No new bytes enter Twisted's buffers from now on; what is in them
-        # is flushed by the reactor before the sockets change hands.
-        self.client.transport.pauseProducing()
-        self.server.transport.pauseProducing()
-        self._try_take_over()
+        self._taking_over = True
+        if _spliceable(self.client.transport) and _spliceable(self.server.transport):
+            self._try_take_over()
 
     def _try_take_over(self) -> None:
         client, server = self.client, self.server
@@ -429,6 +475,12 @@ class SpliceRelay(Relay):
         if not all(_spliceable(t) for t in transports):
             self._stay_portable()
             return
+        # No new bytes enter Twisted's buffers from now on (Twisted may
+        # resume a transport when its peer's buffer drains: pause again);
+        # what is in them is flushed by the reactor before the sockets
+        # change hands.
+        for transport in transports:
+            transport.pauseProducing()
         if any(_unsent(t) for t in transports):
             self._tries += 1
             if self._tries > TAKE_OVER_TRIES:
@@ -461,6 +513,7 @@ class SpliceRelay(Relay):
         self._directions = (up, down)
         self.spliced = True
         self.name = "splice"
+        pipes.join()
         client.start_reading()
         server.start_reading()
 
@@ -503,6 +556,7 @@ class SpliceRelay(Relay):
         assert self._directions is not None
         for direction in self._directions:
             direction.release()
+        pipes.leave()
         failure = Failure(reason)
         for end in (self.client, self.server):
             end.transport.connectionLost(failure)  # type: ignore[attr-defined]
@@ -517,3 +571,9 @@ class SpliceRelay(Relay):
             del direction.source, direction.target, direction.relay, direction.end
         self._sockets = None
         self._directions = None
+
+
+class EagerSpliceRelay(SpliceRelay):
+    """The splice relay that takes over at once (--relay splice)."""
+
+    eager = True

@@ -48,7 +48,7 @@ def fd_kinds(pid: int) -> dict[str, int]:
 def test_relay_modes() -> None:
     assert relay_class_for("portable") is Relay
     assert relay_class_for("auto") is splice.SpliceRelay
-    assert relay_class_for("splice") is splice.SpliceRelay
+    assert relay_class_for("splice") is splice.EagerSpliceRelay
 
 
 def test_pipe_pool_lends_reuses_and_bounds() -> None:
@@ -59,12 +59,16 @@ def test_pipe_pool_lends_reuses_and_bounds() -> None:
     read_end, write_end = pipes[0]
     os.write(write_end, b"x")
     assert os.read(read_end, 1) == b"x"
+    pool.join()
     for pipe in pipes:
         pool.give(pipe)
     assert pool.open == 2  # two kept, two closed
     assert pool.take() in pipes[:2]
-    pool.close()
-    assert pool.open == 1  # the one still lent
+    pool.join()
+    pool.leave()
+    assert pool.open == 2  # one lent, one idle: a spliced session remains
+    pool.leave()
+    assert pool.open == 1  # the last one left: idle pipes closed, one lent
 
 
 @pytest.fixture
