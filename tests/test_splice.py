@@ -51,12 +51,24 @@ def test_relay_modes() -> None:
     assert relay_class_for("splice") is splice.EagerSpliceRelay
 
 
+def test_pipe_pool_lends_at_most_its_bound() -> None:
+    pool = splice.PipePool(keep=2, max_lent=3)
+    pipes = [pool.take() for _ in range(3)]
+    with pytest.raises(OSError):
+        pool.take()
+    pool.join()
+    pool.give(pipes.pop())
+    pipes.append(pool.take())  # an idle one again
+    for pipe in pipes:
+        pool.discard(pipe)
+
+
 def test_pipe_pool_lends_reuses_and_bounds() -> None:
     pool = splice.PipePool(keep=2)
     pipes = [pool.take() for _ in range(4)]
     assert pool.open == 4
-    assert pool.capacity >= 4096
-    read_end, write_end = pipes[0]
+    assert all(size == splice.PIPE_SIZE for _, _, size in pipes)  # as root
+    read_end, write_end, _ = pipes[0]
     os.write(write_end, b"x")
     assert os.read(read_end, 1) == b"x"
     pool.join()
