@@ -1,5 +1,10 @@
 from setuptools import setup
 
-# The Twisted plugin lives in the twisted.plugins namespace, which has no
-# __init__.py of ours: list it as a module so that it is installed.
-setup(py_modules=["twisted.plugins.socks4tx_plugin"])
+# The Twisted plugins live in the twisted.plugins namespace, which has no
+# __init__.py of ours: list them as modules so that they are installed.
+setup(
+    py_modules=[
+        "twisted.plugins.socks4tx_plugin",  # twistd socks4
+        "twisted.plugins.socks4tx_endpoints",  # clientFromString's socks4:
+    ]
+)

@@ -4,6 +4,7 @@ The SOCKS4 and SOCKS4A wire format, without I/O.
 Nothing here imports Twisted: the parser is fed bytes and answers with a
 L{Request}, with C{None} ("need more"), or by raising a L{WireError} that
 names the reply the server owes the client (or C{None}: no reply at all).
+L{ReplyParser} is the client's side: it reads the server's 8-byte reply.
 """
 
 from __future__ import annotations
@@ -163,6 +164,50 @@ class Reply:
         except ValueError:
             raise BadReply(f"unknown reply code {code}") from None
         return cls(reply_code, port, socket.inet_ntoa(address))
+
+
+class ReplyParser:
+    """
+    The client's side: an incremental reader of one 8-byte reply.
+
+    L{feed} returns the L{Reply} once its 8 bytes are in and C{None} before;
+    it raises L{BadReply} as soon as the first or second byte rules a SOCKS4
+    reply out, so that a client talking to something else (an HTTP proxy's
+    C{HTTP/1.1 400}, a SOCKS5 server) fails at once instead of waiting for
+    bytes that may never come.  Bytes behind the reply are kept in
+    L{trailing}: they belong to the relayed stream (or, after a BIND's first
+    reply, to the second).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._reply: Reply | None = None
+        self.trailing = b""
+
+    @property
+    def reply(self) -> Reply | None:
+        """The reply, once complete."""
+        return self._reply
+
+    def feed(self, data: bytes) -> Reply | None:
+        if self._reply is not None:
+            self.trailing += data
+            return self._reply
+        self._buffer += data
+        buffer = self._buffer
+        if buffer and buffer[0] != REPLY_VERSION:
+            raise BadReply(f"reply version {buffer[0]}, expected {REPLY_VERSION}")
+        if len(buffer) >= 2 and buffer[1] not in _REPLY_CODES:
+            raise BadReply(f"unknown reply code {buffer[1]}")
+        if len(buffer) < REPLY.size:
+            return None
+        self._reply = Reply.from_bytes(buffer[: REPLY.size])
+        self.trailing = buffer[REPLY.size :]
+        self._buffer = b""
+        return self._reply
+
+
+_REPLY_CODES = frozenset(ReplyCode)
 
 
 def _check_hostname(hostname: bytes) -> None:

@@ -68,6 +68,26 @@ def test_twistd_lists_socks4(installed: Path) -> None:
 
 
 @pytest.mark.timeout(900)
+def test_client_endpoint_plugin_installed(installed: Path) -> None:
+    """The socks4: prefix of clientFromString comes with the package."""
+    program = (
+        "from twisted.internet import reactor\n"
+        "from twisted.internet.endpoints import clientFromString\n"
+        "print(clientFromString(reactor, "
+        "r'socks4:example.com:80:proxy=tcp\\:127.0.0.1\\:1080'))\n"
+    )
+    result = subprocess.run(
+        [installed / "bin" / "python", "-c", program],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.stdout.startswith("<SOCKS4ClientEndpoint example.com:80 via ")
+
+
+@pytest.mark.timeout(900)
 def test_default_serves_loopback_1080(installed: Path) -> None:
     require_tool("unshare")
     require_tool("ip")

@@ -22,6 +22,7 @@ from socks4tx.wire import (
     FieldTooLong,
     Reply,
     ReplyCode,
+    ReplyParser,
     Request,
     RequestParser,
     VersionError,
@@ -705,3 +706,80 @@ def test_reply_from_bytes_fields() -> None:
     reply = Reply.from_bytes(b"\x00\x5a\x04\x38\xc0\x00\x02\x01")
     assert reply == Reply(ReplyCode.GRANTED, 1080, "192.0.2.1")
     assert reply.code is ReplyCode.GRANTED
+
+
+# --- ReplyParser (the client's side) ----------------------------------------
+
+replies = st.builds(
+    Reply,
+    code=st.sampled_from(ReplyCode),
+    port=st.integers(0, 65535),
+    address=st.ip_addresses(v=4).map(str),
+)
+
+
+@given(reply=replies, trailing=st.binary(max_size=32), data=st.data())
+def test_reply_parser_any_split(
+    reply: Reply, trailing: bytes, data: st.DataObject
+) -> None:
+    parser = ReplyParser()
+    pieces = draw_chunks(data, reply.to_bytes() + trailing)
+    results = [parser.feed(piece) for piece in pieces]
+    complete = [result for result in results if result is not None]
+    assert complete and all(result == reply for result in complete)
+    assert parser.reply == reply
+    assert parser.trailing == trailing
+
+
+def test_reply_parser_byte_by_byte() -> None:
+    packed = Reply(ReplyCode.GRANTED, 1080, "192.0.2.1").to_bytes()
+    parser = ReplyParser()
+    for byte in packed[:-1]:
+        assert parser.feed(bytes([byte])) is None
+        assert parser.reply is None
+    assert parser.feed(packed[-1:]) == Reply(ReplyCode.GRANTED, 1080, "192.0.2.1")
+    assert parser.trailing == b""
+
+
+def test_reply_parser_feeds_after_completion_are_trailing() -> None:
+    parser = ReplyParser()
+    parser.feed(Reply(ReplyCode.GRANTED).to_bytes() + b"a")
+    assert parser.feed(b"bc") == Reply(ReplyCode.GRANTED)
+    assert parser.trailing == b"abc"
+
+
+def test_reply_parser_empty_feed() -> None:
+    assert ReplyParser().feed(b"") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"H",
+        b"HTTP/1.1 400 Bad Request\r\n",
+        b"\x05",
+        b"\x04\x5a",
+        b"\x00\x00",
+        b"\x00\x5e",
+    ],
+)
+def test_reply_parser_fails_fast(data: bytes) -> None:
+    """Something that isn't a SOCKS4 reply fails on its first wrong byte."""
+    parser = ReplyParser()
+    with pytest.raises(BadReply) as info:
+        parser.feed(data)
+    assert info.value.reply is None
+    assert parser.reply is None
+
+
+@given(packed=st.binary(min_size=8, max_size=8))
+def test_reply_parser_agrees_with_from_bytes(packed: bytes) -> None:
+    try:
+        expected: Reply | None = Reply.from_bytes(packed)
+    except BadReply:
+        expected = None
+    try:
+        got = ReplyParser().feed(packed)
+    except BadReply:
+        got = None
+    assert got == expected
