@@ -39,6 +39,7 @@ from socks4tx.ident import IdentLookupFailed, lookup_ident
 from socks4tx.identwire import userid_matches
 from socks4tx.limits import DEFAULT_MAX_PER_SOURCE, Sessions, default_max_connections
 from socks4tx.memory import IdleRelease
+from socks4tx.metrics import NullMetrics, SessionMetrics
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
@@ -354,6 +355,7 @@ class SOCKS4Server(Protocol):
             )
         except IdentLookupFailed as failure:
             self.session.ident = failure.outcome
+            self.factory.metrics.ident_finished(failure.outcome)
             if mode == "required":
                 self._run_command(self._event_command("no_identd_command"), request)
                 raise Refused(
@@ -362,7 +364,9 @@ class SOCKS4Server(Protocol):
             return
         self._ident_user = answer.userid
         self.session.ident = answer.userid.decode("utf-8", "backslashreplace")
-        if not userid_matches(answer.userid, request.userid):
+        matches = userid_matches(answer.userid, request.userid)
+        self.factory.metrics.ident_finished("match" if matches else "mismatch")
+        if not matches:
             self._run_command(self._event_command("bad_id_command"), request)
             raise Refused("ident-mismatch", ReplyCode.IDENT_MISMATCH)
 
@@ -453,6 +457,8 @@ class SOCKS4Server(Protocol):
             bound = listener.listen()
         except Exception as error:
             raise Refused("bind-failed", detail=str(error)) from None
+        metrics = self.factory.metrics
+        metrics.bind_listener_opened()
         # A wildcard listener tells the client to use the server's address.
         announced = "0.0.0.0" if interface in ("0.0.0.0", "") else bound.host
         self._reply(ReplyCode.GRANTED, bound.port, announced)
@@ -464,6 +470,7 @@ class SOCKS4Server(Protocol):
             raise Refused("timeout", detail="no inbound BIND connection") from None
         finally:
             listener.close()
+            metrics.bind_listener_closed()
         peer = remote.transport.getPeer()  # type: ignore[union-attr]
         assert isinstance(peer, IPv4Address)
         self._reply(ReplyCode.GRANTED, peer.port, peer.host)
@@ -532,6 +539,10 @@ class SOCKS4Server(Protocol):
         if self._client_eof:
             relay.client.read_connection_lost()
         relay.started()
+        factory = self.factory
+        factory.metrics.handshake_finished(
+            factory.clock.seconds() - self.session.started
+        )
 
     def _relay_finished(self, relay: Relay) -> None:
         if self._shut_down:
@@ -549,6 +560,7 @@ class SOCKS4Server(Protocol):
             self.session.bytes_down = self._relay.bytes_down
             self.session.relay = self._relay.name
         self.session.end(self.factory.clock.seconds())
+        self.factory.metrics.session_ended(self.session, admitted=True)
         self._release()
         sessions = self.factory.sessions
         sessions.remove(self, self.source)
@@ -601,7 +613,9 @@ class _OverLimit(Protocol):
         assert self.transport is not None
         client, client_port = address_host_port(self.transport.getPeer())
         now = self.factory.clock.seconds()
-        Session(client, client_port, now, reason="limit").end(now)
+        session = Session(client, client_port, now, reason="limit")
+        session.end(now)
+        self.factory.metrics.session_ended(session, admitted=False)
         self.transport.loseConnection()
 
 
@@ -638,6 +652,8 @@ class SOCKS4Factory(ServerFactory):
         )
         #: The relay class sessions use (--relay).
         self.relay_class: type[Relay] = relay_class_for(self.settings.relay)
+        #: Told about sessions (--metrics); counts nothing by default.
+        self.metrics: SessionMetrics = NullMetrics()
         self.idle_release = IdleRelease(
             self.clock, (self.sessions, ("active", "by_source"))
         )
@@ -657,4 +673,5 @@ class SOCKS4Factory(ServerFactory):
         protocol.factory = self
         protocol.source = source
         self.sessions.add(protocol, source)
+        self.metrics.session_started()
         return protocol
