@@ -168,6 +168,18 @@ def _spliceable(transport: object) -> bool:
     )
 
 
+def _socket_transport(transport: object) -> Any:
+    """
+    The plain socket transport under a session's transport: itself, or what
+    a wrapper that holds no bytes of its own offers (the PROXY header
+    wrapper, once the header is read); None if there is none.
+    """
+    if _spliceable(transport):
+        return transport
+    inner = getattr(transport, "spliceable_transport", None)
+    return inner if _spliceable(inner) else None
+
+
 def _unsent(transport: Any) -> int:
     """
     Bytes still in a Twisted transport's write buffer (the reply, bytes
@@ -439,6 +451,8 @@ class SpliceRelay(Relay):
     finishing = False
     _sockets: tuple[_Socket, _Socket] | None = None
     _directions: tuple[_Direction, _Direction] | None = None
+    #: The socket transports taken over (client's, destination's).
+    _transports: tuple[Any, ...] = ()
     #: Reactor turns waited so far for Twisted's buffers to drain.
     _tries = 0
     #: The portable relay is running (the take-over may happen).
@@ -470,7 +484,9 @@ class SpliceRelay(Relay):
         if not self._running or self._taking_over:
             return
         self._taking_over = True
-        if _spliceable(self.client.transport) and _spliceable(self.server.transport):
+        if _socket_transport(self.client.transport) and _socket_transport(
+            self.server.transport
+        ):
             self._try_take_over()
 
     def _try_take_over(self) -> None:
@@ -484,8 +500,11 @@ class SpliceRelay(Relay):
         ):
             self._stay_portable()
             return
-        transports = (client.transport, server.transport)
-        if not all(_spliceable(t) for t in transports):
+        transports = (
+            _socket_transport(client.transport),
+            _socket_transport(server.transport),
+        )
+        if None in transports:
             self._stay_portable()
             return
         # No new bytes enter Twisted's buffers from now on (Twisted may
@@ -502,22 +521,22 @@ class SpliceRelay(Relay):
                 return
             self.clock.callLater(0 if self._tries < 10 else 0.01, self._try_take_over)
             return
-        self._take_over()
+        self._take_over(transports)
 
     def _stay_portable(self) -> None:
         for end in (self.client, self.server):
             if not end.lost and not end.read_done:
                 end.transport.resumeProducing()
 
-    def _take_over(self) -> None:
-        ends = (self.client, self.server)
-        for end in ends:
-            transport: Any = end.transport
-            transport.unregisterProducer()
+    def _take_over(self, transports: tuple[Any, ...]) -> None:
+        for end in (self.client, self.server):
+            end.transport.unregisterProducer()
+        for transport in transports:
             transport.stopReading()
             transport.stopWriting()
-        client = _Socket(self, self.client.transport.socket)  # type: ignore[attr-defined]
-        server = _Socket(self, self.server.transport.socket)  # type: ignore[attr-defined]
+        self._transports = transports
+        client = _Socket(self, transports[0].socket)
+        server = _Socket(self, transports[1].socket)
         up = _Direction(self, client, server, self.client)
         down = _Direction(self, server, client, self.server)
         client.outgoing = server.incoming = up
@@ -571,8 +590,10 @@ class SpliceRelay(Relay):
             direction.release()
         pipes.leave()
         failure = Failure(reason)
-        for end in (self.client, self.server):
-            end.transport.connectionLost(failure)  # type: ignore[attr-defined]
+        # The socket transports' own connectionLost: through a wrapper, it
+        # reaches the session's protocol as the wrapper passes it on.
+        for transport in self._transports:
+            transport.connectionLost(failure)
 
     def release(self) -> None:
         super().release()
@@ -584,6 +605,7 @@ class SpliceRelay(Relay):
             del direction.source, direction.target, direction.relay, direction.end
         self._sockets = None
         self._directions = None
+        self._transports = ()
 
 
 class EagerSpliceRelay(SpliceRelay):
