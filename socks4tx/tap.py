@@ -31,6 +31,7 @@ from socks4tx.rules import RulesError, load_rules
 from socks4tx.server import IDENT_MODES, RELAY_MODES, Settings, SOCKS4Factory
 from socks4tx.session import describe
 from socks4tx.splice import splice_available
+from socks4tx.workers import WorkerPool, unshareable_listener
 
 log = Logger(namespace="socks4tx.listen")
 limits_log = Logger(namespace="socks4tx.limits")
@@ -70,6 +71,13 @@ def _count(value: str) -> int:
     count = int(value)
     if count < 0:
         raise ValueError(f"{value!r} is not a count (0 or more)")
+    return count
+
+
+def _workers(value: str) -> int:
+    count = int(value)
+    if count < 1:
+        raise ValueError(f"{value!r} is not a number of worker processes (1 or more)")
     return count
 
 
@@ -227,14 +235,16 @@ class Options(usage.Options):
             None,
             None,
             "Sessions at once (default: what the open-file limit, raised to its"
-            " hard limit at start-up, can hold at 3 descriptors a session).",
+            " hard limit at start-up, can hold at 3 descriptors a session); with"
+            " --workers, in each worker process.",
             _coerced(_count),
         ],
         [
             "max-connections-per-source",
             None,
             DEFAULT_MAX_PER_SOURCE,
-            "Sessions at once from one client address (0: no limit).",
+            "Sessions at once from one client address (0: no limit); with"
+            " --workers, in each worker process.",
             _coerced(_count),
         ],
         [
@@ -254,11 +264,27 @@ class Options(usage.Options):
             "On SIGTERM, seconds relaying sessions may go on before they are closed.",
             _coerced(_seconds),
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes serving the listeners (1: this process serves"
+            " them). With more, this process binds tcp:, tcp6: and unix:"
+            " listeners, restarts workers that die and passes SIGHUP and"
+            " SIGTERM on; the connection limits apply to each worker.",
+            _coerced(_workers),
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["arguments"] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept as given: worker processes parse the same options again.
+        self["arguments"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -280,6 +306,11 @@ class Options(usage.Options):
             )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["workers"] > 1:
+            for description in self["listen"]:
+                problem = unshareable_listener(description)
+                if problem is not None:
+                    raise usage.UsageError(problem)
         self["ruleset"] = None
         if self["rules"] is not None:
             try:
@@ -348,6 +379,10 @@ class ListenerService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self.announce()
+
+    def announce(self) -> None:
+        """Say where the service listens, once it does."""
         log.info(
             "socks4tx {version} listening on {listeners_text}",
             version=__version__,
@@ -386,11 +421,37 @@ class ListenerService(service.Service):
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
-    """The socks4 service described by C{options} (parsed L{Options})."""
+    """
+    The socks4 service described by C{options} (parsed L{Options}); with
+    C{--workers} over 1, the master of that many worker processes.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    if options["workers"] > 1:
+        return WorkerPool(
+            reactor,
+            options["listen"],
+            options["arguments"],
+            options["workers"],
+            options["shutdown-grace"],
+        )
+    return socks4_service(options, reactor)
+
+
+def socks4_service(
+    options: Options,
+    reactor: Any,
+    adopted: Sequence[IStreamServerEndpoint] | None = None,
+    listener: Callable[
+        [Sequence[tuple[str, IStreamServerEndpoint]], SOCKS4Factory], ListenerService
+    ] = ListenerService,
+) -> service.MultiService:
+    """
+    One process serving C{options}: on the listeners they describe, or on
+    the C{adopted} endpoints (one per C{--listen}, in order) in a worker.
+    """
     soft, hard = raise_open_file_limit()
     settings = options.settings()
     limits_log.info(
@@ -402,12 +463,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         per_source=settings.max_connections_per_source,
     )
     factory = SOCKS4Factory(reactor, settings, policy=options["ruleset"])
-    endpoints = [
-        (description, serverFromString(reactor, description))
-        for description in options["listen"]
-    ]
+    if adopted is None:
+        endpoints = [
+            (description, serverFromString(reactor, description))
+            for description in options["listen"]
+        ]
+    else:
+        endpoints = list(zip(options["listen"], adopted, strict=True))
     top = service.MultiService()
-    ListenerService(endpoints, factory).setServiceParent(top)
+    listener(endpoints, factory).setServiceParent(top)
     if options["rules"] is not None:
         RulesReloader(options["rules"], factory, reactor).setServiceParent(top)
     return top
