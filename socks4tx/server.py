@@ -40,6 +40,7 @@ from socks4tx.identwire import userid_matches
 from socks4tx.limits import DEFAULT_MAX_PER_SOURCE, Sessions, default_max_connections
 from socks4tx.memory import IdleRelease
 from socks4tx.metrics import NullMetrics, SessionMetrics
+from socks4tx.proxyheader import real_host
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
@@ -340,7 +341,10 @@ class SOCKS4Server(Protocol):
         settings = self.factory.settings
         assert self.transport is not None
         client, client_port = address_host_port(self.transport.getPeer())
-        local, server_port = address_host_port(self.transport.getHost())
+        # The port the client connected to (a balancer's frontend, behind
+        # a PROXY header), asked from this host's own address.
+        server_port = address_host_port(self.transport.getHost())[1]
+        local = address_host_port(real_host(self.transport))[0]
         try:
             if client is None or client_port is None or server_port is None:
                 raise IdentLookupFailed("no-address", "the client has no IP address")

@@ -26,6 +26,7 @@ from socks4tx.limits import (
     default_max_connections,
     raise_open_file_limit,
 )
+from socks4tx.proxyheader import listen_description
 from socks4tx.reload import RulesReloader
 from socks4tx.rules import RulesError, load_rules
 from socks4tx.server import IDENT_MODES, RELAY_MODES, Settings, SOCKS4Factory
@@ -420,6 +421,16 @@ class ListenerService(service.Service):
         )
 
 
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    A --listen description's endpoint: C{haproxy:...} is our PROXY header
+    wrapper (see L{socks4tx.proxyheader}), anything else Twisted's.
+    """
+    return listen_description(reactor, description) or serverFromString(
+        reactor, description
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     """
     The socks4 service described by C{options} (parsed L{Options}); with
@@ -465,7 +476,7 @@ def socks4_service(
     factory = SOCKS4Factory(reactor, settings, policy=options["ruleset"])
     if adopted is None:
         endpoints = [
-            (description, serverFromString(reactor, description))
+            (description, server_endpoint(reactor, description))
             for description in options["listen"]
         ]
     else:
