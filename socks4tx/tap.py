@@ -26,6 +26,13 @@ from socks4tx.limits import (
     default_max_connections,
     raise_open_file_limit,
 )
+from socks4tx.prometheus import (
+    MetricsUnavailable,
+    PrometheusMetrics,
+    WorkerMetrics,
+    load_prometheus,
+    metrics_service,
+)
 from socks4tx.proxyheader import listen_description
 from socks4tx.reload import RulesReloader
 from socks4tx.rules import RulesError, load_rules
@@ -266,6 +273,14 @@ class Options(usage.Options):
             _coerced(_seconds),
         ],
         [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this Twisted server endpoint,"
+            " e.g. tcp:9108:interface=127.0.0.1 (default: off; needs"
+            " socks4tx[metrics]).",
+        ],
+        [
             "workers",
             None,
             1,
@@ -312,6 +327,11 @@ class Options(usage.Options):
                 problem = unshareable_listener(description)
                 if problem is not None:
                     raise usage.UsageError(problem)
+        if self["metrics"] is not None:
+            try:
+                load_prometheus()
+            except MetricsUnavailable as error:
+                raise usage.UsageError(str(error)) from None
         self["ruleset"] = None
         if self["rules"] is not None:
             try:
@@ -441,13 +461,22 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
 
         reactor = default_reactor
     if options["workers"] > 1:
-        return WorkerPool(
+        merged = WorkerMetrics() if options["metrics"] is not None else None
+        pool = WorkerPool(
             reactor,
             options["listen"],
             options["arguments"],
             options["workers"],
             options["shutdown-grace"],
+            worker_exited=merged.worker_exited if merged is not None else None,
         )
+        if merged is None:
+            return pool
+        top = service.MultiService()
+        # First: it opens the shared directory before the workers start.
+        metrics_service(reactor, options["metrics"], merged).setServiceParent(top)
+        pool.setServiceParent(top)
+        return top
     return socks4_service(options, reactor)
 
 
@@ -482,6 +511,13 @@ def socks4_service(
     else:
         endpoints = list(zip(options["listen"], adopted, strict=True))
     top = service.MultiService()
+    if options["metrics"] is not None:
+        if adopted is None:
+            metrics = PrometheusMetrics()
+            metrics_service(reactor, options["metrics"], metrics).setServiceParent(top)
+        else:  # a worker: the master serves the sum of all workers' files
+            metrics = PrometheusMetrics(multiprocess=True)
+        factory.metrics = metrics
     listener(endpoints, factory).setServiceParent(top)
     if options["rules"] is not None:
         RulesReloader(options["rules"], factory, reactor).setServiceParent(top)

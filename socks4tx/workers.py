@@ -265,6 +265,8 @@ class _Slot:
         lived = now - self.started
         self.process = self.protocol = None
         self.ready = False
+        if self.pool.worker_exited is not None and self.pid is not None:
+            self.pool.worker_exited(self.pid)
         exited, self.exited = self.exited, None
         if self.pool.stopping:
             log.info(
@@ -339,7 +341,10 @@ class WorkerPool(service.Service):
         shutdown_grace: float,
         python: str = sys.executable,
         publish: ILogObserver = globalLogPublisher,
+        worker_exited: Callable[[int], None] | None = None,
     ) -> None:
+        #: Told each dead worker's pid (--metrics: WorkerMetrics.worker_exited).
+        self.worker_exited = worker_exited
         self.reactor = reactor
         self.clock = reactor
         self.listen = list(listen)
