@@ -41,7 +41,7 @@ from socks4tx.limits import DEFAULT_MAX_PER_SOURCE, Sessions, default_max_connec
 from socks4tx.memory import IdleRelease
 from socks4tx.metrics import NullMetrics, SessionMetrics
 from socks4tx.proxyheader import real_host
-from socks4tx.relay import Relay, RelayEnd, RemoteProtocol
+from socks4tx.relay import Relay, RelayEnd, RemoteProtocol, write_now
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
 from socks4tx.session import Session, address_host_port
@@ -482,7 +482,7 @@ class SOCKS4Server(Protocol):
 
     def _reply(self, code: ReplyCode, port: int = 0, address: str = "0.0.0.0") -> None:
         self.session.reply = int(code)
-        self.transport.write(Reply(code, port, address).to_bytes())  # type: ignore[union-attr]
+        write_now(self.transport, Reply(code, port, address).to_bytes())
 
     def _failed(self, failure: Failure) -> None:
         if isinstance(failure.value, defer.CancelledError):

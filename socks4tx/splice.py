@@ -415,10 +415,9 @@ class _SpliceEnd(RelayEnd):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_received += len(data)
-        self.write_to_peer(data)
+        super().data_received(data)
         if len(data) >= BULK_READ:
-            relay = self.relay
+            relay = getattr(self, "relay", None)
             if isinstance(relay, SpliceRelay):
                 relay.bulk()
 
