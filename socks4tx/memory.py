@@ -41,9 +41,10 @@ trim_heap = _malloc_trim()
 
 
 #: Container types that a copy of themselves rebuilds at their present size.
-_REBUILDABLE = (set, dict, Counter)
-#: The reactor's per-descriptor containers (epoll, poll and select reactors).
-_REACTOR_CONTAINERS = ("_reads", "_writes", "_selectables")
+_REBUILDABLE = (set, dict, Counter, list)
+#: The reactor's per-descriptor containers (epoll, poll and select reactors)
+#: and its heap of timed calls (a copy of a heap, in order, is a heap).
+_REACTOR_CONTAINERS = ("_reads", "_writes", "_selectables", "_pendingTimedCalls")
 
 
 def compact(owner: object, names: Iterable[str]) -> None:
