@@ -313,7 +313,10 @@ class _Direction:
             self._end_of_file()
             return False
         self.in_pipe = count
-        return self._drain()
+        # A read that didn't fill the pipe emptied the socket's buffer: the
+        # next try would only say EAGAIN (a wasted system call); the
+        # reactor says when more has come.
+        return self._drain() and count >= pipe[2]
 
     def _copy_once(self) -> bool:
         try:
