@@ -16,7 +16,6 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -145,15 +144,11 @@ class TwistdProcess:
         raise self._fail(f"no 'listening on' line within {STARTUP_TIMEOUT} s")
 
     def _wait_for_port(self, port: int) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise self._fail(f"twistd exited with {self.process.returncode}")
-            with contextlib.suppress(OSError):
-                socket.create_connection((LOOPBACK, port), timeout=1).close()
-                self.listeners = [(LOOPBACK, port)]
-                return
-            time.sleep(0.05)
+        if wait_accepting(self.process, (LOOPBACK, port)):
+            self.listeners = [(LOOPBACK, port)]
+            return
+        if self.process.poll() is not None:
+            raise self._fail(f"twistd exited with {self.process.returncode}")
         raise self._fail(f"nothing listens on port {port} after {STARTUP_TIMEOUT} s")
 
     def _listeners_from_stdout(self) -> list[tuple[str, int]]:
@@ -223,14 +218,41 @@ class TwistdProcess:
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after L{STOP_TIMEOUT}; the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-        return self.process.returncode
+        return stop_process(self.process)
+
+
+def wait_accepting(
+    process: subprocess.Popen[bytes],
+    address: tuple[str, int],
+    timeout: float = STARTUP_TIMEOUT,
+) -> bool:
+    """
+    Wait until something accepts connections at C{address}: True; False
+    once C{process} has exited or C{timeout} seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        with contextlib.suppress(OSError):
+            socket.create_connection(address, timeout=1).close()
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_process(
+    process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT
+) -> int | None:
+    """SIGTERM, then SIGKILL if still running after C{timeout}; the status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+    return process.returncode
 
 
 def parse_listeners(items: list[str]) -> list[tuple[str, int]]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from blackbox import stop_process, wait_accepting
 from tools import require_tool
 
 _QUERY = re.compile(rb"\s*([0-9]+)\s*,\s*([0-9]+)\s*\r?\n")
@@ -338,32 +339,13 @@ class Oidentd:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
-            if self._wait_listening():
+            if wait_accepting(self.process, (self.host, self.port), 10.0):
                 return
+            self.stop()
         raise AssertionError(f"oidentd did not start:\n{self.output()}")
-
-    def _wait_listening(self, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                socket.create_connection((self.host, self.port), timeout=1).close()
-            except OSError:
-                time.sleep(0.02)
-                continue
-            return True
-        self.stop()
-        return False
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 5.0)

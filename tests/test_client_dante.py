@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from blackbox import LOOPBACK, ThreadedServer, echo_handler, free_port
+from blackbox import (
+    LOOPBACK,
+    ThreadedServer,
+    echo_handler,
+    free_port,
+    stop_process,
+    wait_accepting,
+)
 from test_client import (
     IO_TIMEOUT,
     RecorderFactory,
@@ -81,35 +86,16 @@ class Dante:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )  # fmt: skip
-            if self._wait_listening():
+            if wait_accepting(self.process, (LOOPBACK, self.port), STARTUP_TIMEOUT):
                 return
             self.stop()
         raise AssertionError(f"danted did not start:\n{self.output()}")
-
-    def _wait_listening(self) -> bool:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
-            except OSError:
-                time.sleep(0.05)
-                continue
-            return True
-        return False
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10.0)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ about a client must name the client, never 127.0.0.3.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -38,6 +37,8 @@ from blackbox import (
     recv_exact,
     recv_until_eof,
     request_bytes,
+    stop_process,
+    wait_accepting,
 )
 from tools import missing
 
@@ -117,26 +118,16 @@ class HAProxy:
         return self.output_path.read_text(errors="replace")
 
     def _wait_until_accepting(self) -> None:
-        deadline = time.monotonic() + HAPROXY_STARTUP
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"haproxy exited with {self.process.returncode}:\n{self.output()}"
-                )
-            with contextlib.suppress(OSError):
-                socket.create_connection(self.address, timeout=1).close()
-                return
-            time.sleep(0.05)
+        if wait_accepting(self.process, self.address, HAPROXY_STARTUP):
+            return
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"haproxy exited with {self.process.returncode}:\n{self.output()}"
+            )
         raise AssertionError(f"haproxy not accepting after {HAPROXY_STARTUP} s")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(IO_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(IO_TIMEOUT)
+        stop_process(self.process, IO_TIMEOUT)
 
 
 def start_backend(workdir: Path, rules: Path) -> TwistdProcess:
