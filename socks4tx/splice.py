@@ -2,8 +2,9 @@
 The zero-copy relay (Linux): socket -> pipe -> socket with C{os.splice}.
 
 A L{SpliceRelay} starts as the portable relay (L{socks4tx.relay.Relay}) and,
-once the session's first bytes are delivered, takes both sockets over from
-their Twisted transports: it removes the transports from the reactor and
+once the session moves bulk data (at once for L{EagerSpliceRelay}) and the
+bytes Twisted buffered are out, takes both sockets over from their Twisted
+transports: it removes the transports from the reactor and
 registers one descriptor object of its own per socket.  From then on a
 readable socket is spliced into a pipe and the pipe into the other socket;
 the payload never enters Python.  Flow control falls out of it: when the
@@ -13,8 +14,8 @@ until the pipe has drained.
 Pipes cost two descriptors and kernel memory each, so a direction holds one
 only while bytes are in flight: it takes one from a L{PipePool} for a read
 and gives it back as soon as the pipe is empty again.  An idle session holds
-none.  If no pipe can be had (out of descriptors) the bytes are copied
-through Python for that read instead.
+none.  If no pipe can be had (out of descriptors, or the pool's bound
+reached) the bytes are copied through Python for that read instead.
 
 The face the server sees is the portable relay's: the ends' byte counters,
 C{timed_out}, C{abort}, C{release} and C{on_finished}.  The end of a

@@ -260,9 +260,9 @@ class Options(usage.Options):
             None,
             "auto",
             "How relayed bytes move: splice (Linux zero-copy through a pipe,"
-            " the payload never enters Python), portable (Twisted's"
-            " producer/consumer) or auto (splice where the platform and the"
-            " connection allow it, else portable).",
+            " the payload never enters Python, from the first byte), portable"
+            " (Twisted's producer/consumer) or auto (portable, spliced once a"
+            " session moves bulk data).  TLS connections are always portable.",
             _coerced(_one_of(RELAY_MODES)),
         ],
         [
