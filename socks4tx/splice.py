@@ -464,6 +464,8 @@ class SpliceRelay(Relay):
     _bulk_seen = False
     #: A take-over was begun (it is tried once a session).
     _taking_over = False
+    #: The take-over paused the transports (to be resumed if it gives up).
+    _paused = False
 
     @property
     def reactor(self) -> Any:
@@ -487,10 +489,7 @@ class SpliceRelay(Relay):
         if not self._running or self._taking_over:
             return
         self._taking_over = True
-        if _socket_transport(self.client.transport) and _socket_transport(
-            self.server.transport
-        ):
-            self._try_take_over()
+        self._try_take_over()
 
     def _try_take_over(self) -> None:
         client, server = self.client, self.server
@@ -516,6 +515,7 @@ class SpliceRelay(Relay):
         # change hands.
         for transport in transports:
             transport.pauseProducing()
+        self._paused = True
         if any(_unsent(t) for t in transports):
             self._tries += 1
             if self._tries > TAKE_OVER_TRIES:
@@ -527,6 +527,9 @@ class SpliceRelay(Relay):
         self._take_over(transports)
 
     def _stay_portable(self) -> None:
+        """Leave the session to the portable relay, resuming what was paused."""
+        if not self._paused:
+            return
         for end in (self.client, self.server):
             if not end.lost and not end.read_done:
                 end.transport.resumeProducing()
@@ -561,10 +564,7 @@ class SpliceRelay(Relay):
 
     def failed(self, error: OSError) -> None:
         """A socket error: the session is over, both sides are closed."""
-        if error.errno in (errno.ECONNRESET, errno.EPIPE):
-            self._finish(ConnectionLost(str(error)))
-        else:
-            self._finish(ConnectionLost(f"{error.__class__.__name__}: {error}"))
+        self._finish(ConnectionLost(str(error)))
 
     def abort(self) -> None:
         if not self.spliced:
