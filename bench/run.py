@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes.util
 import errno
 import gc
 import json
@@ -829,26 +830,59 @@ class PeerSpec:
 SOCKS4TX_LIMITS = ("--max-connections-per-source", "0")
 
 
+def jemalloc_library() -> str | None:
+    """jemalloc's shared library, if installed (Debian: C{libjemalloc2})."""
+    return ctypes.util.find_library("jemalloc")
+
+
+def jemalloc_env() -> dict[str, str]:
+    """
+    The environment that runs a Python server on jemalloc: preloaded, and
+    Python's own small-object allocator off so that every object is
+    jemalloc's (see README "Giving memory back").
+    """
+    library = jemalloc_library()
+    if library is None:
+        raise BenchError("jemalloc is not installed (apt-get install libjemalloc2)")
+    return {"PYTHONMALLOC": "malloc", "LD_PRELOAD": library}
+
+
+def probe_jemalloc() -> str | None:
+    return None if jemalloc_library() else "libjemalloc2 is not installed"
+
+
 def socks4tx_peer(
     name: str,
     *options: str,
     files: dict[str, str] | None = None,
     subject: bool = True,
     workers: int = 1,
+    jemalloc: bool = False,
 ) -> PeerSpec:
-    """socks4tx from the source tree with C{options}; probed for each of them."""
+    """
+    socks4tx from the source tree with C{options}; probed for each of them
+    (and for jemalloc, if it is to run on it).
+    """
     argv = (
         "{twistd}", "-n", "--pidfile=", "socks4",
         "--listen", "tcp:{port}:interface=127.0.0.1",
         *SOCKS4TX_LIMITS, *options,
     )  # fmt: skip
     flags = [arg for arg in (*SOCKS4TX_LIMITS, *options) if arg.startswith("--")]
+    probe_plugin = probe_twistd_plugin("socks4", *flags)
+    env = {"PYTHONPATH": "{root}"}
+    if jemalloc and jemalloc_library():
+        env.update(jemalloc_env())
+
+    def probe() -> str | None:
+        return (probe_jemalloc() if jemalloc else None) or probe_plugin()
+
     return PeerSpec(
         name,
         argv,
-        env={"PYTHONPATH": "{root}"},
+        env=env,
         files=files or {},
-        probe=probe_twistd_plugin("socks4", *flags),
+        probe=probe,
         subject=subject,
         workers=workers,
     )
@@ -862,6 +896,7 @@ PEERS: dict[str, PeerSpec] = {
         socks4tx_peer("socks4tx-w2", "--workers", "2", workers=2),
         socks4tx_peer("socks4tx-portable", "--relay", "portable"),
         socks4tx_peer("socks4tx-splice", "--relay", "splice"),
+        socks4tx_peer("socks4tx-jemalloc", jemalloc=True, subject=False),
         socks4tx_peer(
             "socks4tx-rules1",
             "--rules", "{dir}/rules.conf",

@@ -63,6 +63,7 @@ from run import (
     _twistd,
     check_range,
     cpu_seconds,
+    jemalloc_env,
     listener,
     picker,
     print_table,
@@ -104,7 +105,10 @@ def server_options() -> tuple[list[str], list[str]]:
     return have, missing
 
 
-def server_spec(options: Sequence[str]) -> PeerSpec:
+def server_spec(options: Sequence[str], allocator: str) -> PeerSpec:
+    env = {"PYTHONPATH": "{root}"}
+    if allocator == "jemalloc":
+        env.update(jemalloc_env())
     return PeerSpec(
         "socks4tx",
         (
@@ -112,7 +116,7 @@ def server_spec(options: Sequence[str]) -> PeerSpec:
             "--listen", "tcp:{port}:interface=127.0.0.1",
             *options,
         ),
-        env={"PYTHONPATH": "{root}"},
+        env=env,
     )  # fmt: skip
 
 
@@ -307,6 +311,8 @@ class Settings:
     warmup: int
     hold: float
     settle: float
+    #: "pymalloc" (Python's default) or "jemalloc" (see README).
+    allocator: str = "pymalloc"
 
 
 class Soak:
@@ -324,7 +330,9 @@ class Soak:
         self.echo_process.start()
         echo_sock.close()
         try:
-            self.peer = RunningPeer(server_spec(options), workdir, self.echo)
+            self.peer = RunningPeer(
+                server_spec(options, settings.allocator), workdir, self.echo
+            )
         except BaseException:
             self.echo_process.terminate()
             self.echo_process.join(5)
@@ -700,6 +708,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="small numbers: a smoke run"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("pymalloc", "jemalloc"),
+        default="pymalloc",
+        help="the server's memory allocator: Python's default, or jemalloc"
+        " (LD_PRELOAD, PYTHONMALLOC=malloc; Debian: libjemalloc2)",
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args(argv)
     for name, low, high in (
@@ -725,6 +740,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         warmup=pick(args.warmup, 1000, 200),
         hold=pick(args.hold, 10.0, 2.0),
         settle=args.settle,
+        allocator=args.allocator,
     )
 
 
@@ -747,7 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"socks4tx soak: {settings.connections:,} held, {settings.sessions:,}"
         f" sequential ({settings.concurrency} in flight), warm-up"
-        f" {settings.warmup:,}; {os.cpu_count()} CPUs; load average"
+        f" {settings.warmup:,}; allocator {settings.allocator};"
+        f" {os.cpu_count()} CPUs; load average"
         f" {os.getloadavg()[0]:.2f}; open files {nofile[0]}/{nofile[1]}"
     )
     print(f"server options: {' '.join(options) or '(none)'}")

@@ -11,9 +11,11 @@ to return free pages to the system.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -26,15 +28,36 @@ RELEASE_AFTER_SESSIONS = 1000
 RELEASE_DELAY = 1.0
 
 
+#: jemalloc's name for "every arena" in C{arena.<i>.purge}.
+_JEMALLOC_ALL_ARENAS = 4096
+
+
 def _malloc_trim() -> Callable[[], None]:
+    """
+    What returns free heap pages to the system in this process: glibc's
+    C{malloc_trim}, and jemalloc's purge of every arena when jemalloc is
+    the allocator (loaded with C{LD_PRELOAD}; see the README).
+    """
+    steps: list[Callable[[], object]] = []
+    with contextlib.suppress(OSError, AttributeError):
+        jemalloc = ctypes.CDLL(None).mallctl
+        jemalloc.restype = ctypes.c_int
+        jemalloc.argtypes = [ctypes.c_char_p, *[ctypes.c_void_p] * 3, ctypes.c_size_t]
+        purge = f"arena.{_JEMALLOC_ALL_ARENAS}.purge".encode()
+        flush = b"thread.tcache.flush"
+        steps.append(lambda: jemalloc(flush, None, None, None, 0))
+        steps.append(lambda: jemalloc(purge, None, None, None, 0))
     name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return lambda: None
-    return lambda: trim(0)
+    with contextlib.suppress(OSError, AttributeError):
+        if name:
+            trim = ctypes.CDLL(name).malloc_trim
+            steps.append(lambda: trim(0))
+
+    def release() -> None:
+        for step in steps:
+            step()
+
+    return release
 
 
 trim_heap = _malloc_trim()
@@ -42,9 +65,8 @@ trim_heap = _malloc_trim()
 
 #: Container types that a copy of themselves rebuilds at their present size.
 _REBUILDABLE = (set, dict, Counter, list)
-#: The reactor's per-descriptor containers (epoll, poll and select reactors)
-#: and its heap of timed calls (a copy of a heap, in order, is a heap).
-_REACTOR_CONTAINERS = ("_reads", "_writes", "_selectables", "_pendingTimedCalls")
+#: The reactor's per-descriptor containers (epoll, poll and select reactors).
+_REACTOR_CONTAINERS = ("_reads", "_writes", "_selectables")
 
 
 def compact(owner: object, names: Iterable[str]) -> None:
@@ -61,6 +83,27 @@ def compact(owner: object, names: Iterable[str]) -> None:
         value = getattr(owner, name, None)
         if type(value) in _REBUILDABLE:
             setattr(owner, name, type(value)(value))  # type: ignore[misc]
+
+
+def drop_cancelled_calls(reactor: object) -> None:
+    """
+    Rebuild the reactor's heap of timed calls without its cancelled ones.
+
+    C{ReactorBase} leaves a cancelled call in its heap until the call's time
+    comes, or until cancelled calls are more than 50 and half the heap.  A
+    burst leaves a few dozen behind (a session's timeouts, cancelled when it
+    ended, due minutes later), and each, with its bound methods and times,
+    pins the allocator arena it was made in.  This is the compaction
+    C{runUntilCurrent} does itself, done when the server is idle.
+    """
+    heap = getattr(reactor, "_pendingTimedCalls", None)
+    cancellations = getattr(reactor, "_cancellations", None)
+    if type(heap) is not list or type(cancellations) is not int:
+        return
+    live = [call for call in heap if not call.cancelled]
+    heapq.heapify(live)
+    reactor._pendingTimedCalls = live  # type: ignore[attr-defined]
+    reactor._cancellations = max(0, cancellations - (len(heap) - len(live)))  # type: ignore[attr-defined]
 
 
 def release_memory(*compactions: tuple[object, Iterable[str]]) -> None:
@@ -93,4 +136,5 @@ class IdleRelease:
     def _release(self) -> None:
         self._pending = None
         self.ended = 0
+        drop_cancelled_calls(self.clock)
         release_memory(*self.compactions)
