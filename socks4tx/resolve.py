@@ -38,15 +38,24 @@ async def resolve_ipv4(
     """
     All IPv4 addresses of C{name}, in the resolver's order.
 
-    An IPv4 literal is its own answer.  Raises L{ResolveError}; cancelling
-    the caller cancels the lookup.
+    An IPv4 literal is its own answer, and a fully qualified name (one final
+    dot) is looked up without the dot, as the hosts file spells it.  Raises
+    L{ResolveError}; cancelling the caller cancels the lookup.
     """
     try:
         return [str(ipaddress.IPv4Address(name))]
     except ValueError:
         pass
-    # The resolver's own retries are bounded by our timeout, not the reverse.
-    lookup = resolver.lookupAddress(name, timeout=(max(1, round(timeout)),))
+    if name.endswith(".") and len(name) > 1:
+        name = name[:-1]
+    try:
+        # The resolver's own retries are bounded by our timeout, not the
+        # reverse.
+        lookup = resolver.lookupAddress(name, timeout=(max(1, round(timeout)),))
+    except Exception as error:
+        # A name DNS can't encode ("a..b", a label over 63 bytes) fails
+        # here, before any lookup: the client's mistake, not ours.
+        raise ResolveError(f"{name}: {error.__class__.__name__}") from error
     lookup.addTimeout(timeout, clock)
     try:
         answers, _authority, _additional = cast(

@@ -643,7 +643,9 @@ class SOCKS4Factory(ServerFactory):
         self.reactor = reactor
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.settings = settings or Settings()
-        self.policy: Policy = policy or LoopbackOnly()
+        # Not "policy or ...": a rule set without rules is empty, hence
+        # false, and must deny everything, not fall back to the built-in.
+        self.policy: Policy = LoopbackOnly() if policy is None else policy
         if resolver is None:
             from twisted.names.client import createResolver
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from fakes import FakeResolver, a_records
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.names import dns
+from twisted.names.client import createResolver
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.python.failure import Failure
 
@@ -104,3 +106,27 @@ def test_cancel_cancels_the_lookup() -> None:
     lookup = resolving.resolver.lookups[0][2]
     assert lookup.called
     assert resolving.clock.getDelayedCalls() == []
+
+
+def test_a_final_dot_is_dropped_before_the_lookup() -> None:
+    resolving = Resolving("localhost.")
+    assert [name for name, _, _ in resolving.resolver.lookups] == ["localhost"]
+    resolving.resolver.answer("127.0.0.1")
+    assert resolving.result == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("name", [".", "a..b", "x" * 64 + ".example", ".example"])
+def test_names_dns_cannot_encode_are_resolve_errors(name: str, tmp_path: Path) -> None:
+    """Twisted's resolver raises on them at once; that is a ResolveError."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    clock = Clock()
+    # A DNS server that is never asked: the name fails before any query.
+    resolver = createResolver(servers=[("127.0.0.1", 9)], hosts=str(hosts))
+    results: list[Any] = []
+    defer.Deferred.fromCoroutine(resolve_ipv4(resolver, clock, name, 5.0)).addBoth(
+        results.append
+    )
+    [result] = results
+    assert isinstance(result, Failure) and result.check(ResolveError), result
+    assert clock.getDelayedCalls() == []

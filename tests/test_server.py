@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import formatEvent
 from twisted.names.error import DNSNameError
 
-from socks4tx.rules import Decision
+from socks4tx.rules import Decision, LoopbackOnly, parse_rules
 from socks4tx.server import HOLD_LIMIT
 from socks4tx.wire import Command, ReplyCode
 
@@ -516,3 +516,15 @@ def test_unicode_userid_logged_safely(proxy: Proxy) -> None:
     proxy.send(connect_request(userid="émile".encode() + b"\xff"))
     event = proxy.assert_ended(REJECTED, 91, "rule")
     assert event["userid"] == "émile\\xff"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "#NO_IDENTD: true\n"])
+def test_rules_file_without_rules_denies_everyone(proxy: Proxy, text: str) -> None:
+    """An empty rule set is the default deny, not the built-in policy."""
+    rules = parse_rules(text, "empty.conf")
+    assert len(rules) == 0
+    proxy.start(policy=rules)  # the client is on 127.0.0.1
+    proxy.send(connect_request())
+    event = proxy.assert_ended(REJECTED, 91, "rule")
+    assert proxy.reactor.tcpClients == []
+    assert event["rule"] != LoopbackOnly.RULE
