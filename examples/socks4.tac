@@ -11,11 +11,15 @@ import os
 import shlex
 
 from twisted.application import service
+from twisted.python import usage
 
 from socks4tx.tap import Options, makeService
 
 options = Options()
-options.parseOptions(shlex.split(os.environ.get("SOCKS4TX_OPTIONS", "")))
+try:
+    options.parseOptions(shlex.split(os.environ.get("SOCKS4TX_OPTIONS", "")))
+except usage.UsageError as error:
+    raise SystemExit(f"SOCKS4TX_OPTIONS: {error}") from None
 
 application = service.Application("socks4tx")
 makeService(options).setServiceParent(application)

@@ -48,9 +48,13 @@ def event_as_json_line(event: LogEvent) -> str:
 def json_observer() -> ILogObserver:
     """A JSON-lines observer; twistd calls it with no arguments."""
     path = os.environ.get(LOG_JSON_ENV)
-    out: IO[str] = (
-        open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        if path
-        else sys.stdout
-    )
+    out: IO[str] = sys.stdout
+    if path:
+        try:
+            out = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError as error:
+            # twistd calls this before it starts anything: a clear exit.
+            raise SystemExit(
+                f"{LOG_JSON_ENV}: cannot open {path}: {error.strerror}"
+            ) from None
     return FileLogObserver(out, event_as_json_line)

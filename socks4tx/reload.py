@@ -3,7 +3,9 @@ The rules file in service: loaded at start-up, reloaded on SIGHUP.
 
 A reload swaps the factory's policy for new sessions only; sessions already
 relaying keep going.  A file that doesn't parse is reported (every error)
-and the rules in force stay.
+and the rules in force stay.  Without a rules file SIGHUP is still caught
+(its default action would kill the server: C{systemctl reload} sends it)
+and only logged.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ log = Logger(namespace="socks4tx.rules")
 
 
 class RulesReloader(service.Service):
-    """Reloads C{path} into C{factory.policy} on SIGHUP (and on L{reload})."""
+    """
+    Reloads C{path} into C{factory.policy} on SIGHUP (and on L{reload});
+    C{path} None: the built-in policy, nothing to reload.
+    """
 
     def __init__(
-        self, path: str, factory: SOCKS4Factory, reactor: IReactorFromThreads
+        self, path: str | None, factory: SOCKS4Factory, reactor: IReactorFromThreads
     ) -> None:
         self.path = path
         self.factory = factory
@@ -50,6 +55,9 @@ class RulesReloader(service.Service):
 
     def reload(self) -> bool:
         """Load the file again; C{True} if the new rules are in force."""
+        if self.path is None:
+            log.info("SIGHUP: no --rules file to reload; the built-in policy stays")
+            return False
         try:
             rules = load_rules(self.path)
         except (RulesError, OSError) as error:
@@ -60,8 +68,9 @@ class RulesReloader(service.Service):
             return False
         self.factory.policy = rules
         log.info(
-            "rules reloaded from {path}: {count} rules",
+            "rules reloaded from {path}: {count} rule{s}",
             path=self.path,
             count=len(rules),
+            s="" if len(rules) == 1 else "s",
         )
         return True

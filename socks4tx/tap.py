@@ -8,6 +8,7 @@ deployments behave the same.
 from __future__ import annotations
 
 import ipaddress
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +37,13 @@ from socks4tx.prometheus import (
 from socks4tx.proxyheader import listen_description
 from socks4tx.reload import RulesReloader
 from socks4tx.rules import RulesError, load_rules
-from socks4tx.server import IDENT_MODES, RELAY_MODES, Settings, SOCKS4Factory
+from socks4tx.server import (
+    IDENT_MODES,
+    RELAY_MODES,
+    Settings,
+    SOCKS4Factory,
+    is_local_address,
+)
 from socks4tx.session import describe
 from socks4tx.splice import splice_available
 from socks4tx.workers import WorkerPool, unshareable_listener
@@ -47,9 +54,19 @@ limits_log = Logger(namespace="socks4tx.limits")
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
 
 
+def _number(value: str, kind: type[int] | type[float], what: str) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not {what}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not {what}")
+    return number
+
+
 def _seconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds >= 0:
+    seconds: float = _number(value, float, "a number of seconds")
+    if seconds < 0:
         raise ValueError(f"{value!r} is not a non-negative number of seconds")
     return seconds
 
@@ -62,30 +79,31 @@ def _positive_seconds(value: str) -> float:
 
 
 def _length(value: str) -> int:
-    length = int(value)
+    length: int = _number(value, int, "a length from 0 to 65535")
     if not 0 <= length <= 65535:
         raise ValueError(f"{value!r} is not a length from 0 to 65535")
     return length
 
 
 def _port(value: str) -> int:
-    port = int(value)
+    port: int = _number(value, int, "a port number")
     if not 1 <= port <= 65535:
         raise ValueError(f"{value!r} is not a port number")
     return port
 
 
 def _count(value: str) -> int:
-    count = int(value)
+    count: int = _number(value, int, "a count (0 or more)")
     if count < 0:
         raise ValueError(f"{value!r} is not a count (0 or more)")
     return count
 
 
 def _workers(value: str) -> int:
-    count = int(value)
+    what = "a number of worker processes (1 or more)"
+    count: int = _number(value, int, what)
     if count < 1:
-        raise ValueError(f"{value!r} is not a number of worker processes (1 or more)")
+        raise ValueError(f"{value!r} is not {what}")
     return count
 
 
@@ -98,21 +116,64 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     return choose
 
 
-def _ipv4(value: str) -> str:
-    return str(ipaddress.IPv4Address(value))
+def _local_ipv4(value: str) -> str:
+    """An IPv4 address this host has (0.0.0.0: any of them)."""
+    try:
+        address = str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+    if not is_local_address(address):
+        raise ValueError(f"{value} is not an address of this host")
+    return address
 
 
-def _coerced(coerce: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Turn a converter's ValueError into usage.UsageError for twistd."""
+def _parameter(
+    name: str, default: Any, doc: str, coerce: Callable[[str], Any] | None = None
+) -> list[Any]:
+    """
+    An optParameters row whose converter's ValueError becomes a usage error
+    naming the option.
+    """
+    if coerce is None:
+        return [name, None, default, doc]
+    convert = coerce
 
-    def convert(value: str) -> Any:
+    def checked(value: str) -> Any:
         try:
-            return coerce(value)
+            return convert(value)
         except ValueError as error:
-            raise usage.UsageError(str(error)) from None
+            raise usage.UsageError(f"--{name}: {error}") from None
 
-    convert.coerceDoc = ""  # type: ignore[attr-defined]
-    return convert
+    checked.coerceDoc = ""  # type: ignore[attr-defined]
+    return [name, None, default, doc, checked]
+
+
+def _check_endpoint(
+    option: str, description: str, parse: Callable[[Any, str], object]
+) -> None:
+    """
+    Parse an endpoint description now, so that a mistake is a usage error
+    rather than a traceback once twistd starts the service.  Parsing binds
+    nothing.
+    """
+    from twisted.internet import reactor
+
+    try:
+        endpoint = parse(reactor, description)
+    except Exception as error:  # each endpoint parser raises its own
+        if isinstance(error, IndexError) and description.startswith("systemd:"):
+            problem = (
+                "no inherited socket with that index (systemd passes them in"
+                " LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID)"
+            )
+        else:
+            problem = str(error) or error.__class__.__name__
+        raise usage.UsageError(f"--{option} {description!r}: {problem}") from None
+    port = getattr(endpoint, "_port", None)  # TCP endpoints: bind would overflow
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(
+            f"--{option} {description!r}: port {port} is not from 0 to 65535"
+        )
 
 
 class Options(usage.Options):
@@ -136,160 +197,140 @@ class Options(usage.Options):
         ],
     ]
     optParameters = [  # noqa: RUF012
-        [
+        _parameter(
             "handshake-timeout",
-            None,
             30.0,
             "Seconds a client has to send its whole request.",
-            _coerced(_positive_seconds),
-        ],
-        [
+            _positive_seconds,
+        ),
+        _parameter(
             "resolve-timeout",
-            None,
             10.0,
             "Seconds to resolve a SOCKS4A host name.",
-            _coerced(_positive_seconds),
-        ],
-        [
+            _positive_seconds,
+        ),
+        _parameter(
             "connect-timeout",
-            None,
             120.0,
             "Seconds to connect to a CONNECT destination.",
-            _coerced(_positive_seconds),
-        ],
-        [
+            _positive_seconds,
+        ),
+        _parameter(
             "bind-timeout",
-            None,
             120.0,
             "Seconds a BIND listener waits for the application server.",
-            _coerced(_positive_seconds),
-        ],
-        [
+            _positive_seconds,
+        ),
+        _parameter(
             "idle-timeout",
-            None,
             0.0,
             "Close a relayed session after this many seconds without traffic"
             " (0: never).",
-            _coerced(_seconds),
-        ],
-        [
+            _seconds,
+        ),
+        _parameter(
             "max-userid",
-            None,
             255,
             "Longest USERID accepted, in bytes.",
-            _coerced(_length),
-        ],
-        [
+            _length,
+        ),
+        _parameter(
             "max-hostname",
-            None,
             255,
             "Longest SOCKS4A host name accepted, in bytes.",
-            _coerced(_length),
-        ],
-        [
+            _length,
+        ),
+        _parameter(
             "bind-address",
             None,
-            None,
             "IPv4 address where BIND listens (default: the local address of the"
-            " route to the application server).",
-            _coerced(_ipv4),
-        ],
-        [
+            " route to the application server); an address of this host.",
+            _local_ipv4,
+        ),
+        _parameter(
             "outgoing-address",
             None,
-            None,
             "IPv4 source address of outgoing connections (default: the kernel's"
-            " choice).",
-            _coerced(_ipv4),
-        ],
-        [
+            " choice); an address of this host.",
+            _local_ipv4,
+        ),
+        _parameter(
             "rules",
-            None,
             None,
             "A rules file in the sockd.conf language (default: built-in, loopback"
             " clients only). SIGHUP reloads it.",
-        ],
-        [
+        ),
+        _parameter(
             "ident",
-            None,
             "off",
             "Server-wide RFC 1413 check of the USERID: off, optional or required"
             " (a rule's ?=I/?=i/?=n overrides it).",
-            _coerced(_one_of(IDENT_MODES)),
-        ],
-        [
+            _one_of(IDENT_MODES),
+        ),
+        _parameter(
             "ident-timeout",
-            None,
             15.0,
             "Seconds for an ident lookup (connect and answer).",
-            _coerced(_positive_seconds),
-        ],
-        [
+            _positive_seconds,
+        ),
+        _parameter(
             "ident-port",
-            None,
             113,
             "Port of the client's identd (for tests; RFC 1413 says 113).",
-            _coerced(_port),
-        ],
-        [
+            _port,
+        ),
+        _parameter(
             "rule-command-timeout",
-            None,
             10.0,
             "Seconds a rule command may run before it is killed.",
-            _coerced(_positive_seconds),
-        ],
-        [
+            _positive_seconds,
+        ),
+        _parameter(
             "max-connections",
             None,
-            None,
             "Sessions at once (default: what the open-file limit, raised to its"
-            " hard limit at start-up, can hold at 3 descriptors a session); with"
-            " --workers, in each worker process.",
-            _coerced(_count),
-        ],
-        [
+            " hard limit at start-up, can hold at 3 descriptors a session;"
+            " 0: no limit); with --workers, in each worker process.",
+            _count,
+        ),
+        _parameter(
             "max-connections-per-source",
-            None,
             DEFAULT_MAX_PER_SOURCE,
             "Sessions at once from one client address (0: no limit); with"
             " --workers, in each worker process.",
-            _coerced(_count),
-        ],
-        [
+            _count,
+        ),
+        _parameter(
             "relay",
-            None,
             "auto",
             "How relayed bytes move: splice (Linux zero-copy through a pipe,"
             " the payload never enters Python, from the first byte), portable"
             " (Twisted's producer/consumer) or auto (portable, spliced once a"
             " session moves bulk data).  TLS connections are always portable.",
-            _coerced(_one_of(RELAY_MODES)),
-        ],
-        [
+            _one_of(RELAY_MODES),
+        ),
+        _parameter(
             "shutdown-grace",
-            None,
             10.0,
             "On SIGTERM, seconds relaying sessions may go on before they are closed.",
-            _coerced(_seconds),
-        ],
-        [
+            _seconds,
+        ),
+        _parameter(
             "metrics",
-            None,
             None,
             "Serve Prometheus metrics at /metrics on this Twisted server endpoint,"
             " e.g. tcp:9108:interface=127.0.0.1 (default: off; needs"
             " socks4tx[metrics]).",
-        ],
-        [
+        ),
+        _parameter(
             "workers",
-            None,
             1,
             "Worker processes serving the listeners (1: this process serves"
             " them). With more, this process binds tcp:, tcp6: and unix:"
             " listeners, restarts workers that die and passes SIGHUP and"
             " SIGTERM on; the connection limits apply to each worker.",
-            _coerced(_workers),
-        ],
+            _workers,
+        ),
     ]
 
     def __init__(self) -> None:
@@ -322,6 +363,8 @@ class Options(usage.Options):
             )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            _check_endpoint("listen", description, server_endpoint)
         if self["workers"] > 1:
             for description in self["listen"]:
                 problem = unshareable_listener(description)
@@ -332,6 +375,7 @@ class Options(usage.Options):
                 load_prometheus()
             except MetricsUnavailable as error:
                 raise usage.UsageError(str(error)) from None
+            _check_endpoint("metrics", self["metrics"], serverFromString)
         self["ruleset"] = None
         if self["rules"] is not None:
             try:
@@ -519,6 +563,5 @@ def socks4_service(
             metrics = PrometheusMetrics(multiprocess=True)
         factory.metrics = metrics
     listener(endpoints, factory).setServiceParent(top)
-    if options["rules"] is not None:
-        RulesReloader(options["rules"], factory, reactor).setServiceParent(top)
+    RulesReloader(options["rules"], factory, reactor).setServiceParent(top)
     return top

@@ -78,3 +78,18 @@ def proxy(socks4_server: TwistdProcess) -> Iterator[TwistdProcess]:
     """The shared server, checked to be still alive after the test."""
     yield socks4_server
     socks4_server.assert_alive()
+
+
+@pytest.fixture
+def systemd_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    As if systemd had passed one socket (index 0) to this process.  Twisted
+    reads LISTEN_FDS when twisted.internet.endpoints is imported, so setting
+    the environment now would be too late: its parser's copy is replaced.
+    """
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    monkeypatch.setattr(
+        _SystemdParser, "_sddaemon", ListenFDs([3], ("socks4tx.socket",))
+    )

@@ -131,6 +131,18 @@ def test_sighup_reloads_new_sessions_only(
 
 
 @pytest.mark.timeout(60)
+def test_sighup_without_rules_is_logged_not_fatal(
+    start_server: StartServer, echo: ThreadedServer
+) -> None:
+    """SIGHUP's default action would kill the server (systemctl reload)."""
+    server = start_server()
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "no --rules file to reload" in server.output(), "the log")
+    assert server.process.poll() is None
+    assert reply_code(server, echo.port) == GRANTED
+
+
+@pytest.mark.timeout(60)
 def test_rule_commands_never_let_the_shell_parse_a_userid(
     start_server: StartServer,
     echo: ThreadedServer,

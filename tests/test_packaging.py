@@ -14,7 +14,13 @@ import venv
 from pathlib import Path
 
 import pytest
-from blackbox import ThreadedServer, TwistdProcess, recv_exact, socks4_request
+from blackbox import (
+    TWISTD,
+    ThreadedServer,
+    TwistdProcess,
+    recv_exact,
+    socks4_request,
+)
 from tools import missing, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +133,45 @@ def test_tac_file_relays(
             assert recv_exact(sock, 5) == b"hello"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            ["-y", str(ROOT / "examples" / "socks4.tac")],
+            {"SOCKS4TX_OPTIONS": "--handshake-timeout 0"},
+            "SOCKS4TX_OPTIONS: --handshake-timeout: must be more than 0 seconds",
+        ),
+        (
+            ["--logger=socks4tx.logs.json_observer", "socks4"],
+            {"SOCKS4TX_LOG_JSON": "/nonexistent/sessions.jsonl"},
+            "SOCKS4TX_LOG_JSON: cannot open /nonexistent/sessions.jsonl",
+        ),
+        (
+            ["socks4", "--listen", "tcp:99999"],
+            {},
+            "--listen 'tcp:99999': port 99999 is not from 0 to 65535",
+        ),
+        (
+            ["socks4", "--metrics", "bogus:1"],
+            {},
+            "--metrics 'bogus:1': Unknown endpoint type: 'bogus'",
+        ),
+    ],
+)
+def test_start_up_mistakes_are_one_line_errors(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    """What an administrator gets wrong is said plainly, without a traceback."""
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
+    output = result.stdout + result.stderr  # twistd prints usage errors to stdout
+    assert result.returncode != 0
+    assert message in output, output
+    assert "Traceback" not in output

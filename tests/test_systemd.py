@@ -114,6 +114,7 @@ def test_socket_unit() -> None:
     assert socket_unit["Socket"]["Service"] == "socks4tx.service"
 
 
+@pytest.mark.usefixtures("systemd_socket")
 def test_service_unit_runs_a_valid_command() -> None:
     service = unit("socks4tx.service")["Service"]
     argv = shlex.split(service["ExecStart"])

@@ -13,6 +13,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
 from socks4tx import __version__
+from socks4tx.reload import RulesReloader
 from socks4tx.server import Settings, SOCKS4Factory
 from socks4tx.tap import DEFAULT_LISTEN, ListenerService, Options, makeService
 
@@ -61,8 +62,8 @@ def test_every_option() -> None:
         "--idle-timeout", "5",
         "--max-userid", "0",
         "--max-hostname", "65535",
-        "--bind-address", "192.0.2.1",
-        "--outgoing-address", "192.0.2.2",
+        "--bind-address", "127.0.0.1",
+        "--outgoing-address", "127.0.0.2",
         "--no-keepalive",
     )  # fmt: skip
     settings = options.settings()
@@ -74,8 +75,8 @@ def test_every_option() -> None:
         idle_timeout=5.0,
         max_userid=0,
         max_hostname=65535,
-        bind_address="192.0.2.1",
-        outgoing_address="192.0.2.2",
+        bind_address="127.0.0.1",
+        outgoing_address="127.0.0.2",
         keepalive=False,
     )
     assert isinstance(settings.max_userid, int)
@@ -115,13 +116,49 @@ def test_options_do_not_share_state() -> None:
         ("--bind-address", "::1"),
         ("--bind-address", "localhost"),
         ("--outgoing-address", "256.0.0.1"),
+        ("--handshake-timeout", "inf"),
+        ("--shutdown-grace", "1e400"),
+        ("--max-connections", "abc"),
+        ("--workers", "two"),
         ("--no-such-option",),
         ("extra-argument",),
     ],
 )
 def test_bad_values(args: tuple[str, ...]) -> None:
-    with pytest.raises(usage.UsageError):
+    with pytest.raises(usage.UsageError) as error:
         parsed(*args)
+    if len(args) == 2:  # a bad value: the message names its option
+        assert str(error.value).startswith(f"{args[0]}: "), error.value
+
+
+@pytest.mark.parametrize("option", ["--bind-address", "--outgoing-address"])
+def test_addresses_must_be_this_hosts(option: str) -> None:
+    with pytest.raises(usage.UsageError, match="not an address of this host"):
+        parsed(option, "192.0.2.1")  # TEST-NET-1: nobody's
+
+
+@pytest.mark.parametrize(
+    ("description", "problem"),
+    [
+        ("bogus", "Unknown endpoint type"),
+        ("TCP:1080", "Unknown endpoint type"),
+        ("tcp:abc", "abc"),
+        ("tcp:99999", "port 99999 is not from 0 to 65535"),
+        ("haproxy:", "haproxy"),
+        ("ssl:0:privateKey=/nonexistent/key.pem", "/nonexistent/key.pem"),
+        ("systemd:domain=INET:index=0", "LISTEN_FDS"),
+    ],
+)
+def test_bad_listeners_are_usage_errors(description: str, problem: str) -> None:
+    """Found before twistd starts, not as a traceback once it does."""
+    for option in ("--listen", "--metrics"):
+        if option == "--metrics" and description.startswith("haproxy"):
+            continue
+        with pytest.raises(usage.UsageError) as error:
+            parsed(option, description)
+        message = str(error.value)
+        assert message.startswith(f"{option} {description!r}: "), message
+        assert problem in message, message
 
 
 def test_idle_timeout_zero_is_off() -> None:
@@ -151,9 +188,10 @@ def test_help_names_every_option() -> None:
 def test_make_service_listens_on_the_default() -> None:
     reactor = FakeReactor()
     service = makeService(parsed("--handshake-timeout", "7"), reactor)
-    # Without --rules there is nothing to reload: the listeners only.
-    [listeners] = list(service)  # type: ignore[call-overload]
+    # The listeners, and the reloader (SIGHUP must not kill the server).
+    [listeners, reloader] = list(service)  # type: ignore[call-overload]
     assert isinstance(listeners, ListenerService)
+    assert isinstance(reloader, RulesReloader) and reloader.path is None
     assert reactor.tcpServers == []  # nothing before the service starts
     with capturedLogs() as events:
         service.privilegedStartService()

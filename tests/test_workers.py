@@ -461,14 +461,21 @@ def test_shareable_listeners(description: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "description",
-    ["haproxy:tcp:1080", "systemd:domain=INET:index=0", "nonsense:1080"],
+    "description", ["haproxy:tcp:1080", "systemd:domain=INET:index=0"]
 )
+@pytest.mark.usefixtures("systemd_socket")
 def test_unshareable_listeners(description: str) -> None:
     assert unshareable_listener(description) is not None
     parsed("--listen", description)  # fine in one process
     with pytest.raises(usage.UsageError, match="listener"):
         parsed("--workers", "2", "--listen", description)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_mistyped_listener_is_named_as_such(workers: str) -> None:
+    assert unshareable_listener("nonsense:1080") is not None
+    with pytest.raises(usage.UsageError, match="Unknown endpoint type"):
+        parsed("--workers", workers, "--listen", "nonsense:1080")
 
 
 def test_the_worker_module_leaves_the_reactor_to_install() -> None:
