@@ -44,7 +44,7 @@ from socks4tx.proxyheader import real_host
 from socks4tx.relay import Relay, RelayEnd, RemoteProtocol, write_now
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
-from socks4tx.session import Session, address_host_port
+from socks4tx.session import Session, address_host_port, client_address
 from socks4tx.splice import EagerSpliceRelay, SpliceRelay, splice_available
 from socks4tx.wire import (
     SOCKS5_NO_ACCEPTABLE_METHOD,
@@ -208,7 +208,7 @@ class SOCKS4Server(Protocol):
     def connectionMade(self) -> None:
         settings = self.factory.settings
         assert self.transport is not None
-        client, client_port = address_host_port(self.transport.getPeer())
+        client, client_port = address_host_port(client_address(self.transport))
         self.session = Session(client, client_port, self.factory.clock.seconds())
         self._parser = RequestParser(settings.max_userid, settings.max_hostname)
         self._timer = self.factory.clock.callLater(
@@ -615,7 +615,7 @@ class _OverLimit(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        client, client_port = address_host_port(self.transport.getPeer())
+        client, client_port = address_host_port(client_address(self.transport))
         now = self.factory.clock.seconds()
         session = Session(client, client_port, now, reason="limit")
         session.end(now)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, ITransport
 from twisted.logger import Logger
 
 from socks4tx.wire import Request
@@ -28,6 +28,20 @@ def address_host_port(address: IAddress) -> tuple[str | None, int | None]:
         text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
         return f"unix:{text or ''}", None
     return None, None
+
+
+def client_address(transport: ITransport) -> IAddress:
+    """
+    The client's address, for the session record: its peer address, but on
+    a UNIX socket, where clients seldom bind a name, the listener's path
+    when the peer has none (so the record says which socket it came in on).
+    """
+    peer: IAddress = transport.getPeer()
+    if isinstance(peer, UNIXAddress) and not peer.name:
+        host = transport.getHost()
+        if isinstance(host, UNIXAddress):
+            return host
+    return peer
 
 
 def describe(address: IAddress) -> str:
@@ -78,8 +92,13 @@ class Session:
         # The text is made here with an f-string, braces escaped, rather than
         # by twisted.logger's str.format machinery: an event per session is
         # on the handshake's hot path, and this halves its cost.
+        client = (
+            self.client
+            if self.client_port is None
+            else (f"{self.client}:{self.client_port}")
+        )
         text = (
-            f"{self.client}:{self.client_port} {self.userid!r} {self.command}"
+            f"{client} {self.userid!r} {self.command}"
             f" {self.dst_host} {self.dst_ip}:{self.dst_port} reply={self.reply}"
             f" reason={self.reason} rule={self.rule} up={self.bytes_up}"
             f" down={self.bytes_down} {self.duration:.3f}s"

@@ -191,16 +191,23 @@ class TwistdProcess:
     def session_events(self) -> list[dict]:
         return self.log_events(namespace="socks4tx.session")
 
-    def wait_for_session(self, client_port: int, timeout: float = IO_TIMEOUT) -> dict:
-        """The session event of the client that used C{client_port}."""
+    def wait_for_session(
+        self, client_port: int | None, timeout: float = IO_TIMEOUT, client: str = ""
+    ) -> dict:
+        """
+        The session event of the client that used C{client_port} (and, if
+        given, whose C{client} field is C{client}: a UNIX socket's has no port).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self.session_events():
-                if event.get("client_port") == client_port:
+                if event.get("client_port") == client_port and (
+                    not client or event.get("client") == client
+                ):
                     return event
             time.sleep(0.05)
         raise AssertionError(
-            f"no socks4tx.session event for client port {client_port} within "
+            f"no socks4tx.session event for client {client} port {client_port} within "
             f"{timeout} s; events: {self.log_events()}\n"
             f"--- output ---\n{self.output()}"
         )

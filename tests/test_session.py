@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 from fakes import SESSION_FIELDS, Proxy, connect_request
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, capturedLogs, eventAsJSON, formatEvent
 
-from socks4tx.session import Session, address_host_port, describe
+from socks4tx.session import Session, address_host_port, client_address, describe
 from socks4tx.wire import Command, Request
 
 
@@ -156,3 +157,26 @@ def test_addresses(
 
 def test_unknown_address_type() -> None:
     assert address_host_port(object()) == (None, None)  # type: ignore[arg-type]
+
+
+def test_client_address_names_the_unix_socket_a_nameless_client_came_in_on() -> None:
+    listener = UNIXAddress(b"/run/socks4tx.sock")
+    nameless = StringTransport(peerAddress=UNIXAddress(b""), hostAddress=listener)
+    assert client_address(nameless) == listener
+    named_peer = UNIXAddress(b"/tmp/client.sock")
+    named = StringTransport(peerAddress=named_peer, hostAddress=listener)
+    assert client_address(named) == named_peer
+    tcp_peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    tcp = StringTransport(peerAddress=tcp_peer)
+    assert client_address(tcp) == tcp_peer
+
+
+def test_session_text_of_a_unix_client_has_no_port() -> None:
+    host, port = address_host_port(UNIXAddress(b"/run/socks4tx.sock"))
+    session = Session(host, port, started=0.0)
+    with capturedLogs() as events:
+        session.end(1.0)
+    [event] = events
+    assert formatEvent(event).startswith("unix:/run/socks4tx.sock None ")
+    assert event["client"] == "unix:/run/socks4tx.sock"
+    assert event["client_port"] is None

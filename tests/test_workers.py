@@ -236,6 +236,9 @@ def serve_tcp_and_unix(server: TwistdProcess, echo: ThreadedServer, path: str) -
     )
     assert pids[event["worker"]] == event["worker_pid"]
     assert exchange(path, echo.port, payload)[0] == GRANTED
+    # A client on the UNIX socket has no name: the record names the socket.
+    event = server.wait_for_session(None, client=f"unix:{path}")
+    assert event["reason"] == "relayed"
 
     served = serve_until(
         server, echo, lambda s: s.keys() == WORKERS, "both workers serving"
