@@ -741,6 +741,12 @@ def _destination(text: str) -> str:
     except ValueError:
         pass
     try:
+        ipaddress.IPv6Address(text.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{text!r}: SOCKS4 destinations are IPv4 addresses")
+    try:
         found = socket.getaddrinfo(text, None, socket.AF_INET, socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise ValueError(f"can't resolve {text!r}") from None
@@ -765,6 +771,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     if len(argv) == 1:
         print(f"{path}: OK, {len(rules)} rule{'s' * (len(rules) != 1)}")
+        if not len(rules):
+            print(f"{path}: no rules: every session will be denied")
         return 0
     user, source, destination, port_text = argv[1:]
     try:

@@ -55,6 +55,26 @@ def test_check_a_good_file(capsys: pytest.CaptureFixture[str], rules: str) -> No
     assert run(capsys, rules) == (0, f"{rules}: OK, 5 rules\n", "")
 
 
+def test_a_file_without_rules_is_fine_but_said_to_deny_everything(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.conf"
+    empty.write_text("# nothing yet\n")
+    status, out, _ = run(capsys, str(empty))
+    assert status == 0
+    assert out == (
+        f"{empty}: OK, 0 rules\n{empty}: no rules: every session will be denied\n"
+    )
+
+
+def test_an_ipv6_destination_is_named_as_such(
+    capsys: pytest.CaptureFixture[str], rules: str
+) -> None:
+    status, _, err = run(capsys, rules, "alice", "10.0.0.1", "::1", "80")
+    assert status == 2
+    assert "'::1': SOCKS4 destinations are IPv4 addresses" in err
+
+
 def test_check_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, str(ROOT / "examples" / "sockd.conf"))
     assert status == 0
