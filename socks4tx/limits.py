@@ -23,6 +23,10 @@ DESCRIPTORS_PER_SESSION = 3
 #: Descriptors kept back for listeners, logs, name lookups and commands.
 RESERVED_DESCRIPTORS = 64
 DEFAULT_MAX_PER_SOURCE = 256
+#: The splice relay's pipes (two descriptors each) take at most this share
+#: of the open-file limit, and never more than L{MAX_PIPES}.
+PIPE_SHARE = 40
+MAX_PIPES = 256
 
 
 class Session(TypingProtocol):
@@ -40,11 +44,31 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def default_max_connections(open_files: int | None = None) -> int:
-    """As many sessions as the open-file limit can always hold."""
+def open_file_limit() -> int:
+    """The soft open-file limit now."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def pipe_budget(open_files: int | None = None) -> int:
+    """
+    Pipes the splice relay may hold at once: 1/40 of the open-file limit, at
+    most 256 (512 descriptors under a limit of 20,000).  A session whose
+    reader has stalled keeps its pipe full, so they are counted apart from
+    the sessions' own descriptors.
+    """
     if open_files is None:
-        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    usable = open_files - RESERVED_DESCRIPTORS
+        open_files = open_file_limit()
+    return max(0, min(MAX_PIPES, open_files // PIPE_SHARE))
+
+
+def default_max_connections(open_files: int | None = None) -> int:
+    """
+    As many sessions as the open-file limit can always hold, beside the
+    splice relay's pipes (L{pipe_budget}, two descriptors each).
+    """
+    if open_files is None:
+        open_files = open_file_limit()
+    usable = open_files - RESERVED_DESCRIPTORS - 2 * pipe_budget(open_files)
     return max(1, usable // DESCRIPTORS_PER_SESSION)
 
 

@@ -37,7 +37,12 @@ from socks4tx.commands import command_values, run_rule_command
 from socks4tx.connect import connect_tcp
 from socks4tx.ident import IdentLookupFailed, lookup_ident
 from socks4tx.identwire import userid_matches
-from socks4tx.limits import DEFAULT_MAX_PER_SOURCE, Sessions, default_max_connections
+from socks4tx.limits import (
+    DEFAULT_MAX_PER_SOURCE,
+    Sessions,
+    default_max_connections,
+    open_file_limit,
+)
 from socks4tx.memory import IdleRelease
 from socks4tx.metrics import NullMetrics, SessionMetrics
 from socks4tx.proxyheader import real_host
@@ -45,7 +50,7 @@ from socks4tx.relay import Relay, RelayEnd, RemoteProtocol, write_now
 from socks4tx.resolve import ResolveError, resolve_ipv4
 from socks4tx.rules import LoopbackOnly, Policy, is_local_client, source_address
 from socks4tx.session import Session, address_host_port, client_address
-from socks4tx.splice import EagerSpliceRelay, SpliceRelay, splice_available
+from socks4tx.splice import EagerSpliceRelay, SpliceRelay, pipes, splice_available
 from socks4tx.wire import (
     SOCKS5_NO_ACCEPTABLE_METHOD,
     Command,
@@ -643,6 +648,9 @@ class SOCKS4Factory(ServerFactory):
         self.reactor = reactor
         self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.settings = settings or Settings()
+        # The splice relay's pipes within what the open-file limit leaves
+        # beside the sessions (see default_max_connections).
+        pipes.fit(open_file_limit())
         # Not "policy or ...": a rule set without rules is empty, hence
         # false, and must deny everything, not fall back to the built-in.
         self.policy: Policy = LoopbackOnly() if policy is None else policy

@@ -44,6 +44,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from socks4tx.limits import MAX_PIPES, pipe_budget
 from socks4tx.relay import Relay, RelayEnd
 
 
@@ -102,12 +103,25 @@ class PipePool:
     @ivar users: spliced sessions now.
     """
 
-    def __init__(self, keep: int = 64, max_lent: int = 256) -> None:
+    #: Idle pipes kept at most, when the budget allows that many.
+    KEEP = 64
+
+    def __init__(self, keep: int = KEEP, max_lent: int = MAX_PIPES) -> None:
         self.keep = keep
         self.max_lent = max_lent
         self.open = 0
         self.users = 0
         self._idle: list[Pipe] = []
+
+    def fit(self, open_files: int) -> None:
+        """
+        Size the pool for an open-file limit: at most L{pipe_budget} pipes,
+        which the default C{--max-connections} leaves room for, so that
+        stalled readers holding full pipes can't take descriptors that
+        sessions within the limit need.
+        """
+        self.max_lent = pipe_budget(open_files)
+        self.keep = min(self.KEEP, self.max_lent)
 
     def take(self) -> Pipe:
         """An empty pipe; OSError when none can be had."""

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import resource
 import select
 import socket
 import struct
@@ -55,6 +56,13 @@ class ServerFailed(AssertionError):
     """The server process did not start, or died."""
 
 
+def _nofile(limit: int) -> Callable[[], None]:
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return set_limit
+
+
 class TwistdProcess:
     """
     One C{twistd -n} process running the source tree's plugins.
@@ -68,7 +76,9 @@ class TwistdProcess:
         workdir: Path,
         json_log: bool = False,
         known_port: int | None = None,
+        open_files: int | None = None,
     ) -> None:
+        """C{open_files}: the process's soft and hard RLIMIT_NOFILE."""
         self.workdir = workdir
         self.stdout_path = workdir / "twistd.out"
         self.json_path = workdir / "session.jsonl" if json_log else None
@@ -91,6 +101,7 @@ class TwistdProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=None if open_files is None else _nofile(open_files),
             )
         try:
             if known_port is None:

@@ -23,6 +23,7 @@ from socks4tx.limits import (
     RESERVED_DESCRIPTORS,
     Sessions,
     default_max_connections,
+    pipe_budget,
 )
 from socks4tx.rules import Decision
 from socks4tx.server import SOCKS4Factory
@@ -97,9 +98,15 @@ def test_sessions_count_until_their_log_event(proxy: Proxy) -> None:
 
 
 def test_default_max_connections_from_the_open_file_limit() -> None:
+    # 256 pipes (512 descriptors) set apart for the splice relay.
+    assert pipe_budget(20000) == 256
     assert default_max_connections(20000) == (
-        (20000 - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_SESSION
+        (20000 - RESERVED_DESCRIPTORS - 512) // DESCRIPTORS_PER_SESSION
     )
+    assert default_max_connections(20000) == 6474
+    assert pipe_budget(300) == 7
+    assert default_max_connections(300) == (300 - 64 - 14) // 3
+    assert pipe_budget(30) == 0
     assert default_max_connections(10) == 1
 
 

@@ -191,3 +191,15 @@ def test_reset_by_the_destination_ends_the_session(
     event = splicing.wait_for_session(client_port)
     assert event["relay"] == "splice"
     assert event["bytes_up"] == 4
+
+
+def test_the_pool_fits_the_open_file_limit() -> None:
+    pool = splice.PipePool()
+    pool.fit(300)
+    assert (pool.max_lent, pool.keep) == (7, 7)
+    pool.fit(20000)
+    assert (pool.max_lent, pool.keep) == (256, 64)
+    pool.fit(30)  # no room for pipes: every read is copied
+    assert (pool.max_lent, pool.keep) == (0, 0)
+    with pytest.raises(OSError):
+        pool.take()
