@@ -195,6 +195,19 @@ def _socket_transport(transport: object) -> Any:
     return inner if _spliceable(inner) else None
 
 
+def _closing(transport: Any) -> bool:
+    """
+    Whether a socket transport is being closed: an abort (the idle timeout)
+    delivers its connectionLost a reactor turn later, and a socket taken
+    over in between would stay registered with the reactor once closed.
+    """
+    return bool(
+        transport.disconnecting
+        or transport.disconnected
+        or getattr(transport, "_aborting", False)
+    )
+
+
 def _unsent(transport: Any) -> int:
     """
     Bytes still in a Twisted transport's write buffer (the reply, bytes
@@ -217,6 +230,7 @@ class _Socket:
     __slots__ = (
         "fd",
         "incoming",
+        "live",
         "outgoing",
         "reactor",
         "reading",
@@ -234,6 +248,10 @@ class _Socket:
         self.incoming: _Direction
         self.reading = False
         self.writing = False
+        #: False once the session is over: events still due are ignored
+        #: (one epoll event can carry "readable" and "writable", and the
+        #: read may end the session before the reactor calls doWrite).
+        self.live = True
 
     def fileno(self) -> int:
         return self.fd
@@ -242,14 +260,28 @@ class _Socket:
         return "socks4tx.splice"
 
     def doRead(self) -> None:
-        self.outgoing.readable()
+        if self.live:
+            self.outgoing.readable()
 
     def doWrite(self) -> None:
-        self.incoming.writable()
+        if self.live:
+            self.incoming.writable()
 
     def connectionLost(self, reason: Failure) -> None:
-        # Only the reactor calls this: it is shutting down.
-        self.relay.abort()
+        # The reactor calls this on a hang-up or error event of a socket it
+        # watches for writing only, after doRead or doWrite raised, and
+        # when it shuts down: the session ends, if it hasn't already.
+        if self.live:
+            self.relay.abort()
+
+    def detach(self) -> None:
+        """The session is over: ignore late events, unlink the session."""
+        self.live = self.reading = self.writing = False
+        # The sockets and directions point at each other: unlinked, reference
+        # counting frees them with the session.
+        for name in ("outgoing", "incoming", "relay"):
+            if hasattr(self, name):
+                delattr(self, name)
 
     def start_reading(self) -> None:
         if not self.reading:
@@ -520,7 +552,7 @@ class SpliceRelay(Relay):
             _socket_transport(client.transport),
             _socket_transport(server.transport),
         )
-        if None in transports:
+        if None in transports or any(map(_closing, transports)):
             self._stay_portable()
             return
         # No new bytes enter Twisted's buffers from now on (Twisted may
@@ -602,6 +634,7 @@ class SpliceRelay(Relay):
         for sock in self._sockets:
             sock.stop_reading()
             sock.stop_writing()
+            sock.live = False
         assert self._directions is not None
         for direction in self._directions:
             direction.release()
@@ -614,10 +647,8 @@ class SpliceRelay(Relay):
 
     def release(self) -> None:
         super().release()
-        # The sockets and directions point at each other: unlink them so
-        # that reference counting frees them with the session.
         for sock in self._sockets or ():
-            del sock.outgoing, sock.incoming, sock.relay
+            sock.detach()
         for direction in self._directions or ():
             del direction.source, direction.target, direction.relay, direction.end
         self._sockets = None

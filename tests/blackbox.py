@@ -202,6 +202,19 @@ class TwistdProcess:
     def session_events(self) -> list[dict]:
         return self.log_events(namespace="socks4tx.session")
 
+    def unhandled_errors(self) -> list[str]:
+        """
+        What the reactor caught and logged as an unhandled error (an
+        exception that escaped socks4tx into Twisted), in either log.
+        """
+        texts = [self.output()]
+        texts += [e.get("log_text", "") for e in self.log_events()]
+        return [
+            text[text.index("Unhandled Error") :][:2000]
+            for text in texts
+            if "Unhandled Error" in text
+        ]
+
     def wait_for_session(
         self, client_port: int | None, timeout: float = IO_TIMEOUT, client: str = ""
     ) -> dict:

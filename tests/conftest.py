@@ -26,6 +26,12 @@ def _stop(server: TwistdProcess) -> None:
             f"--- output ---\n{server.output()}",
             pytrace=False,
         )
+    errors = server.unhandled_errors()
+    if errors:
+        pytest.fail(
+            "an exception escaped into the reactor:\n" + "\n".join(errors),
+            pytrace=False,
+        )
 
 
 @pytest.fixture

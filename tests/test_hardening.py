@@ -661,7 +661,11 @@ def test_stalled_readers_leave_descriptors_for_sessions_within_the_limit(
                 with open_session(server, echo) as sock:
                     assert_echo(sock)
             assert open_fds(server.pid) < open_files
-            assert "EMFILE" not in server.output()
+            logged = server.output() + "".join(
+                e.get("log_text", "") for e in server.log_events()
+            )
+            assert "EMFILE" not in logged
+            assert "Unhandled Error" not in logged
             assert not limit_events(server)
         finally:
             for sock in stalled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -191,6 +192,63 @@ def test_reset_by_the_destination_ends_the_session(
     event = splicing.wait_for_session(client_port)
     assert event["relay"] == "splice"
     assert event["bytes_up"] == 4
+
+
+def test_reset_while_both_directions_wait_is_not_an_unhandled_error(
+    splicing: TwistdProcess,
+) -> None:
+    """
+    Both peers flood and then stop reading; the destination resets.  The
+    reactor then reports the destination's socket both readable (or hung
+    up) and writable in one event: once the read has ended the session,
+    the write must find nothing to do rather than raise into the reactor.
+    """
+    stop = threading.Event()
+
+    def pump(sock: socket.socket, send: bool) -> None:
+        sock.settimeout(0.2)
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    if send:
+                        sock.send(b"x" * 65536)
+                    elif not sock.recv(1 << 18):
+                        return
+
+    reset = threading.Event()
+
+    def flood(conn: socket.socket) -> None:
+        pump(conn, send=True)  # and never read
+        reset.wait(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        conn.close()
+
+    with ThreadedServer(flood) as dest:
+        sock, reply = socks4_request(splicing.address, CONNECT, dest.port, LOOPBACK)
+        with sock:
+            assert reply.code == GRANTED
+            client_port = sock.getsockname()[1]
+            pumps = [
+                threading.Thread(target=pump, args=(sock, send), daemon=True)
+                for send in (True, False)
+            ]
+            for thread in pumps:
+                thread.start()
+            time.sleep(1.0)
+            stop.set()  # everybody stops reading and writing
+            for thread in pumps:
+                thread.join(5)
+            time.sleep(0.25)
+            reset.set()
+            event = splicing.wait_for_session(client_port)
+    assert event["relay"] == "splice"
+    time.sleep(0.3)
+    errors = [
+        e["log_text"]
+        for e in splicing.log_events()
+        if e.get("log_level") in ("error", "critical")
+    ]
+    assert errors == []
 
 
 def test_the_pool_fits_the_open_file_limit() -> None:
