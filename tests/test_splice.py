@@ -169,6 +169,12 @@ def test_idle_timeout_closes_a_spliced_session(start_server) -> None:
     assert (event["bytes_up"], event["bytes_down"]) == (5, 5)
 
 
+def close_with_reset(conn: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), not a FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    conn.close()
+
+
 def test_reset_by_the_destination_ends_the_session(
     splicing: TwistdProcess,
 ) -> None:
@@ -177,8 +183,7 @@ def test_reset_by_the_destination_ends_the_session(
     def resetting(conn: socket.socket) -> None:
         conn.settimeout(10)
         recv_exact(conn, 4)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        conn.close()
+        close_with_reset(conn)
 
     with ThreadedServer(resetting) as dest:
         sock, reply = socks4_request(splicing.address, CONNECT, dest.port, LOOPBACK)
@@ -220,8 +225,7 @@ def test_reset_while_both_directions_wait_is_not_an_unhandled_error(
     def flood(conn: socket.socket) -> None:
         pump(conn, send=True)  # and never read
         reset.wait(10)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        conn.close()
+        close_with_reset(conn)
 
     with ThreadedServer(flood) as dest:
         sock, reply = socks4_request(splicing.address, CONNECT, dest.port, LOOPBACK)
