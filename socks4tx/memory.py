@@ -32,7 +32,7 @@ RELEASE_DELAY = 1.0
 _JEMALLOC_ALL_ARENAS = 4096
 
 
-def _malloc_trim() -> Callable[[], None]:
+def _heap_trimmer() -> Callable[[], None]:
     """
     What returns free heap pages to the system in this process: glibc's
     C{malloc_trim}, and jemalloc's purge of every arena when jemalloc is
@@ -60,7 +60,7 @@ def _malloc_trim() -> Callable[[], None]:
     return release
 
 
-trim_heap = _malloc_trim()
+trim_heap = _heap_trimmer()
 
 
 #: Container types that a copy of themselves rebuilds at their present size.

@@ -92,11 +92,9 @@ class Session:
         # The text is made here with an f-string, braces escaped, rather than
         # by twisted.logger's str.format machinery: an event per session is
         # on the handshake's hot path, and this halves its cost.
-        client = (
-            self.client
-            if self.client_port is None
-            else (f"{self.client}:{self.client_port}")
-        )
+        client = self.client
+        if self.client_port is not None:
+            client = f"{client}:{self.client_port}"
         text = (
             f"{client} {self.userid!r} {self.command}"
             f" {self.dst_host} {self.dst_ip}:{self.dst_port} reply={self.reply}"

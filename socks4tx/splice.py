@@ -276,12 +276,10 @@ class _Socket:
 
     def detach(self) -> None:
         """The session is over: ignore late events, unlink the session."""
-        self.live = self.reading = self.writing = False
+        self.live = False
         # The sockets and directions point at each other: unlinked, reference
         # counting frees them with the session.
-        for name in ("outgoing", "incoming", "relay"):
-            if hasattr(self, name):
-                delattr(self, name)
+        del self.outgoing, self.incoming, self.relay
 
     def start_reading(self) -> None:
         if not self.reading:

@@ -54,20 +54,26 @@ limits_log = Logger(namespace="socks4tx.limits")
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
 
 
-def _number(value: str, kind: type[int] | type[float], what: str) -> Any:
+def _number(
+    value: str,
+    kind: type[int] | type[float],
+    what: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+) -> Any:
+    """C{value} as C{kind}, finite and within [low, high], or ValueError."""
     try:
         number = kind(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not {what}") from None
-    if not math.isfinite(number):
+        number = math.nan
+    # NaN fails the comparison; an int may be too large for math.isfinite.
+    if not low <= number <= high or abs(number) == math.inf:
         raise ValueError(f"{value!r} is not {what}")
     return number
 
 
 def _seconds(value: str) -> float:
-    seconds: float = _number(value, float, "a number of seconds")
-    if seconds < 0:
-        raise ValueError(f"{value!r} is not a non-negative number of seconds")
+    seconds: float = _number(value, float, "a non-negative number of seconds", 0)
     return seconds
 
 
@@ -79,31 +85,22 @@ def _positive_seconds(value: str) -> float:
 
 
 def _length(value: str) -> int:
-    length: int = _number(value, int, "a length from 0 to 65535")
-    if not 0 <= length <= 65535:
-        raise ValueError(f"{value!r} is not a length from 0 to 65535")
+    length: int = _number(value, int, "a length from 0 to 65535", 0, 65535)
     return length
 
 
 def _port(value: str) -> int:
-    port: int = _number(value, int, "a port number")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{value!r} is not a port number")
+    port: int = _number(value, int, "a port number", 1, 65535)
     return port
 
 
 def _count(value: str) -> int:
-    count: int = _number(value, int, "a count (0 or more)")
-    if count < 0:
-        raise ValueError(f"{value!r} is not a count (0 or more)")
+    count: int = _number(value, int, "a count (0 or more)", 0)
     return count
 
 
 def _workers(value: str) -> int:
-    what = "a number of worker processes (1 or more)"
-    count: int = _number(value, int, what)
-    if count < 1:
-        raise ValueError(f"{value!r} is not {what}")
+    count: int = _number(value, int, "a number of worker processes (1 or more)", 1)
     return count
 
 

@@ -190,6 +190,16 @@ def limit_events(server: TwistdProcess) -> list[dict]:
     return [e for e in server.session_events() if e.get("reason") == "limit"]
 
 
+def exit_status(server: TwistdProcess, seconds: float, since: str) -> int:
+    """twistd's exit status, once it exits within C{seconds} (after C{since})."""
+    try:
+        return server.process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"twistd still running {seconds} s after {since}\n{server.output()}"
+        ) from None
+
+
 def assert_shut_down(server: TwistdProcess, status: int) -> None:
     """
     twistd ended by its own shutdown: status 0, or -SIGTERM (twistd re-raises
@@ -557,12 +567,7 @@ def test_sigterm_lets_a_64mib_transfer_finish(tmp_path: Path) -> None:
             assert digest == hashlib.sha256(data).hexdigest()
             # The destination closed: so does the client's connection.
             assert_closed(sock)
-        try:
-            status = server.process.wait(10)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"twistd still running 10 s after the session ended\n{server.output()}"
-            ) from None
+        status = exit_status(server, 10, "the session ended")
         assert_shut_down(server, status)
         event = server.wait_for_session(port, timeout=1)
         assert (event["reason"], event["bytes_up"]) == ("relayed", size), event
@@ -590,12 +595,7 @@ def test_sigterm_closes_idle_sessions_after_the_grace(tmp_path: Path) -> None:
             started = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             wait_refused(server.address, timeout=1)
-            try:
-                status = server.process.wait(5)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(
-                    f"twistd still running 5 s after SIGTERM\n{server.output()}"
-                ) from None
+            status = exit_status(server, 5, "SIGTERM")
             elapsed = time.monotonic() - started
             assert recv_until_eof(sock, timeout=2) == b""
         assert 0.8 <= elapsed < 3.0, elapsed
@@ -609,7 +609,7 @@ def test_sigterm_without_sessions_exits_at_once(tmp_path: Path) -> None:
     with twistd(socks4_args(), tmp_path / "server", json_log=False) as server:
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        status = server.process.wait(5)
+        status = exit_status(server, 5, "SIGTERM")
         assert time.monotonic() - started < 2.0
         assert_shut_down(server, status)
 
