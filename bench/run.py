@@ -1253,6 +1253,12 @@ def measure_connect(bench: Bench, spec: PeerSpec) -> Sample:
             max(echo_cpu, sample["client_cpu"]), seconds
         ),
     )
+    exchanges = sample["exchanges"]
+    if exchanges:
+        # CPU per exchange is steadier than the rate on a shared machine.
+        sample["load_cpu_us"] = (echo_cpu + sample["client_cpu"]) / exchanges * 1e6
+        if peer.process is not None:
+            sample["proxy_cpu_us"] = proxy_cpu / exchanges * 1e6
     _add_others(sample, machine)
     return sample
 
@@ -1431,6 +1437,8 @@ MEASUREMENTS: dict[str, Measurement] = {
             (
                 Figure("rate", "CONNECT exchanges/s, N clients", True),
                 Figure("p99_ms", "  p99 exchange latency (ms)", False, "{:.1f}"),
+                Figure("proxy_cpu_us", "  proxy CPU per exchange (us)", False,
+                       "{:.0f}"),
             ),
         ),
     ]
@@ -1559,14 +1567,16 @@ def describe(name: str, sample: Sample) -> str:
             )
         return text
     if name == "connect":
-        return (
+        text = (
             f"{sample['rate']:8.0f} /s  p50 {sample['p50_ms']:.2f} ms"
             f"  p99 {sample['p99_ms']:.2f} ms  max {sample['max_ms']:.1f} ms"
             f"  errors {sample['errors']}"
             f"  load CPU {100 * sample['load_cpu_fraction']:.0f}%"
             f"  proxy CPU {100 * sample['proxy_cpu_fraction']:.0f}%"
-            f"  others {100 * sample['others_cpu_fraction']:.0f}%"
         )
+        if "proxy_cpu_us" in sample:
+            text += f" ({sample['proxy_cpu_us']:.0f} us/exchange)"
+        return text + f"  others {100 * sample['others_cpu_fraction']:.0f}%"
     if name == "idle":
         text = f"{sample['held']} held"
         if "kib_per_session" in sample:
@@ -1780,7 +1790,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     pick = picker(args)
     return Sizes(
         stream1_mb=pick(args.stream_mb, 2000, 300),
-        streams50_mb=pick(args.streams_mb, 20, 6),
+        streams50_mb=pick(args.streams_mb, 100, 6),
         streams=args.streams,
         clients=args.clients,
         connect_seconds=pick(args.connect_seconds, 3.0, 1.5),
