@@ -351,7 +351,7 @@ class _Direction:
             self._give_back()
             return False
         except OSError as error:
-            self.relay.failed(error)
+            self.relay.failed(error, self.source)
             return False
         if count == 0:
             self._give_back()
@@ -369,7 +369,7 @@ class _Direction:
         except BlockingIOError:
             return False
         except OSError as error:
-            self.relay.failed(error)
+            self.relay.failed(error, self.source)
             return False
         if not data:
             self._end_of_file()
@@ -404,7 +404,7 @@ class _Direction:
             self.target.start_writing()
             return False
         except OSError as error:
-            self.relay.failed(error)
+            self.relay.failed(error, self.target)
             return False
         self._give_back()
         return True
@@ -414,7 +414,9 @@ class _Direction:
         if not self._drain():
             return
         self.target.stop_writing()
-        if self.eof:
+        if self.relay.broken is not None:
+            self.relay.delivered()
+        elif self.eof:
             self._shut_down_target()
         elif not self.relay.finishing:
             self.source.start_reading()
@@ -438,9 +440,13 @@ class _Direction:
         try:
             self.target.sock.shutdown(socket.SHUT_WR)
         except OSError as error:
-            self.relay.failed(error)
+            self.relay.failed(error, self.target)
             return
         self.relay.direction_done()
+
+    def holding(self) -> bool:
+        """Whether bytes read from the source wait to be written."""
+        return bool(self.in_pipe or self.head)
 
     def release(self) -> None:
         """Close the pipe if one is still lent (bytes in it are dropped)."""
@@ -496,6 +502,11 @@ class SpliceRelay(Relay):
     spliced = False
     #: The sockets are being closed: no direction starts reading again.
     finishing = False
+    #: Why the session ends, while the bytes read from a socket that failed
+    #: are still being written to the other one.
+    broken: Exception | None = None
+    #: The sockets have been handed back to their transports' connectionLost.
+    _closed = False
     _sockets: tuple[_Socket, _Socket] | None = None
     _directions: tuple[_Direction, _Direction] | None = None
     #: The socket transports taken over (client's, destination's).
@@ -606,9 +617,31 @@ class SpliceRelay(Relay):
         if all(direction.done for direction in self._directions):
             self._finish(ConnectionDone("relayed"))
 
-    def failed(self, error: OSError) -> None:
-        """A socket error: the session is over, both sides are closed."""
-        self._finish(ConnectionLost(str(error)))
+    def failed(self, error: OSError, broken: _Socket) -> None:
+        """
+        A socket error: the session is over.  As the portable relay
+        delivers what it had read from a connection that failed before it
+        closes the other one, the bytes taken from C{broken} that wait for
+        the other socket are written first; then both sides are closed.
+        """
+        if self._closed or self._sockets is None:
+            return
+        reason = ConnectionLost(str(error))
+        towards_live = broken.outgoing
+        if self.finishing or towards_live.done or not towards_live.holding():
+            self._finish(reason)
+            return
+        self.finishing = True
+        self.broken = reason
+        for sock in self._sockets:
+            sock.stop_reading()
+        broken.stop_writing()
+        towards_live.target.start_writing()
+
+    def delivered(self) -> None:
+        """What a failed socket had sent is written: close both sides."""
+        assert self.broken is not None
+        self._finish(self.broken)
 
     def abort(self) -> None:
         if not self.spliced:
@@ -626,8 +659,9 @@ class SpliceRelay(Relay):
         transport its C{connectionLost}: that closes the socket (with a
         reset if aborted) and tells the protocol, as the reactor would.
         """
-        if self.finishing or self._sockets is None:
+        if self._closed or self._sockets is None:
             return
+        self._closed = True
         self.finishing = True
         for sock in self._sockets:
             sock.stop_reading()

@@ -431,6 +431,32 @@ def socks4_request(
     return sock, reply
 
 
+def close_with_reset(conn: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), not a FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    conn.close()
+
+
+def tcp_queues(local_port: int) -> list[tuple[int, int, int]]:
+    """
+    (remote port, send queue, receive queue) of this network namespace's
+    established IPv4 TCP sockets bound to C{local_port}, from
+    /proc/net/tcp: bytes sent and not yet acknowledged, and bytes received
+    and not yet read.
+    """
+    found = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote, state, queues = fields[1], fields[2], fields[3], fields[4]
+            if state != "01" or int(local.split(":")[1], 16) != local_port:
+                continue
+            send, receive = (int(part, 16) for part in queues.split(":"))
+            found.append((int(remote.split(":")[1], 16), send, receive))
+    return found
+
+
 def free_port() -> int:
     """A loopback port that nothing listens on (right now)."""
     with socket.socket() as sock:

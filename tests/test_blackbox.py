@@ -24,6 +24,7 @@ from blackbox import (
     ThreadedServer,
     TwistdProcess,
     assert_closed,
+    close_with_reset,
     connect_to,
     free_port,
     push,
@@ -33,6 +34,7 @@ from blackbox import (
     recv_until_eof,
     request_bytes,
     socks4_request,
+    tcp_queues,
 )
 from fakes import SESSION_FIELDS
 
@@ -501,3 +503,67 @@ def test_session_log_events(start_server, relay: str) -> None:
     event = server.wait_for_session(client_port)
     assert event["command"] == "bind"
     assert event["reason"] == "client-gone"
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_bytes_read_before_a_reset_are_delivered(start_server, relay: str) -> None:
+    """
+    The destination sends until every buffer on the way to a client that
+    isn't reading is full (the portable relay's write buffer, or the splice
+    relay's pipe), then resets.  A byte from the client then meets the
+    reset: the session ends, but first the client gets every byte the relay
+    had read: all the destination sent but what was still in its own send
+    queue or unread in the proxy's socket when it reset (both lost to the
+    reset).
+    """
+    server = start_server("--relay", relay, json_log=True)
+    sent = 0
+    lost = 0
+    full = threading.Event()
+    go = threading.Event()
+
+    def flood_then_reset(conn: socket.socket) -> None:
+        nonlocal sent, lost
+        conn.setblocking(False)
+        chunk = b"d" * 65536
+        deadline = time.monotonic() + 10
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:  # until nothing moves for 0.5 s
+            try:
+                sent += conn.send(chunk)
+                quiet_since = time.monotonic()
+            except BlockingIOError:
+                if time.monotonic() - quiet_since > 0.5:
+                    break
+                time.sleep(0.01)
+        try:
+            proxy_port = conn.getpeername()[1]
+            here = [q for q in tcp_queues(dest.port) if q[0] == proxy_port]
+            there = [q for q in tcp_queues(proxy_port) if q[0] == dest.port]
+            assert len(here) == len(there) == 1, (here, there)
+            # Unacknowledged in this socket, unread in the proxy's: lost.
+            lost = here[0][1] + there[0][2]
+        finally:
+            full.set()
+        go.wait(10)
+        close_with_reset(conn)
+
+    with ThreadedServer(flood_then_reset) as dest:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        with sock:
+            sock.connect(server.address)
+            sock.sendall(request_bytes(CONNECT, dest.port, LOOPBACK))
+            assert read_reply(sock).code == GRANTED
+            client_port = sock.getsockname()[1]
+            assert full.wait(15)
+            go.set()
+            time.sleep(0.5)  # the reset has reached the proxy
+            sock.sendall(b"x")  # the proxy writes it to the reset socket
+            received = recv_until_eof(sock, limit=sent)
+        assert dest.wait_results() == [None]
+    assert 0 < len(received) == sent - lost
+    assert received == b"d" * len(received)
+    event = server.wait_for_session(client_port)
+    assert (event["relay"], event["bytes_down"]) == (relay, len(received))

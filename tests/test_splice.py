@@ -19,6 +19,7 @@ from blackbox import (
     LOOPBACK,
     ThreadedServer,
     TwistdProcess,
+    close_with_reset,
     recv_exact,
     socks4_request,
 )
@@ -167,12 +168,6 @@ def test_idle_timeout_closes_a_spliced_session(start_server) -> None:
     event = server.wait_for_session(client_port)
     assert (event["reason"], event["relay"]) == ("timeout", "splice")
     assert (event["bytes_up"], event["bytes_down"]) == (5, 5)
-
-
-def close_with_reset(conn: socket.socket) -> None:
-    """Close with an RST (SO_LINGER 0), not a FIN."""
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-    conn.close()
 
 
 def test_reset_by_the_destination_ends_the_session(
