@@ -270,9 +270,11 @@ class _Socket:
     def connectionLost(self, reason: Failure) -> None:
         # The reactor calls this on a hang-up or error event of a socket it
         # watches for writing only, after doRead or doWrite raised, and
-        # when it shuts down: the session ends, if it hasn't already.
+        # when it shuts down, having stopped watching the socket: the
+        # session ends as on any failure of this socket, if it hasn't yet.
+        self.reading = self.writing = False
         if self.live:
-            self.relay.abort()
+            self.relay.failed(reason.value or ConnectionLost(), self)
 
     def detach(self) -> None:
         """The session is over: ignore late events, unlink the session."""
@@ -617,7 +619,7 @@ class SpliceRelay(Relay):
         if all(direction.done for direction in self._directions):
             self._finish(ConnectionDone("relayed"))
 
-    def failed(self, error: OSError, broken: _Socket) -> None:
+    def failed(self, error: BaseException, broken: _Socket) -> None:
         """
         A socket error: the session is over.  As the portable relay
         delivers what it had read from a connection that failed before it
@@ -636,6 +638,7 @@ class SpliceRelay(Relay):
         for sock in self._sockets:
             sock.stop_reading()
         broken.stop_writing()
+        broken.incoming.release()  # bytes for the failed socket: dropped now
         towards_live.target.start_writing()
 
     def delivered(self) -> None:

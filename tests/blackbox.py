@@ -437,10 +437,10 @@ def close_with_reset(conn: socket.socket) -> None:
     conn.close()
 
 
-def tcp_queues(local_port: int) -> list[tuple[int, int, int]]:
+def tcp_queues(local_port: int, remote_port: int) -> tuple[int, int]:
     """
-    (remote port, send queue, receive queue) of this network namespace's
-    established IPv4 TCP sockets bound to C{local_port}, from
+    The send and receive queues of this network namespace's established
+    IPv4 TCP socket from C{local_port} to C{remote_port}, from
     /proc/net/tcp: bytes sent and not yet acknowledged, and bytes received
     and not yet read.
     """
@@ -449,12 +449,13 @@ def tcp_queues(local_port: int) -> list[tuple[int, int, int]]:
         next(table)
         for line in table:
             fields = line.split()
-            local, remote, state, queues = fields[1], fields[2], fields[3], fields[4]
-            if state != "01" or int(local.split(":")[1], 16) != local_port:
-                continue
-            send, receive = (int(part, 16) for part in queues.split(":"))
-            found.append((int(remote.split(":")[1], 16), send, receive))
-    return found
+            local, remote, state, queues = fields[1:5]
+            ports = (int(local.split(":")[1], 16), int(remote.split(":")[1], 16))
+            if state == "01" and ports == (local_port, remote_port):
+                send, receive = (int(part, 16) for part in queues.split(":"))
+                found.append((send, receive))
+    assert len(found) == 1, f"{local_port} -> {remote_port}: {found}"
+    return found[0]
 
 
 def free_port() -> int:

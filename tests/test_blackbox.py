@@ -505,65 +505,141 @@ def test_session_log_events(start_server, relay: str) -> None:
     assert event["reason"] == "client-gone"
 
 
-@pytest.mark.parametrize("relay", RELAYS)
-def test_bytes_read_before_a_reset_are_delivered(start_server, relay: str) -> None:
+class FloodThenReset:
     """
-    The destination sends until every buffer on the way to a client that
-    isn't reading is full (the portable relay's write buffer, or the splice
-    relay's pipe), then resets.  A byte from the client then meets the
-    reset: the session ends, but first the client gets every byte the relay
-    had read: all the destination sent but what was still in its own send
-    queue or unread in the proxy's socket when it reset (both lost to the
-    reset).
+    A destination that sends until every buffer on the way to a client that
+    doesn't read is full (the portable relay's write buffer, or the splice
+    relay's pipe), then, when told, resets.  C{lost} is what the reset
+    itself discards: its own unacknowledged send queue and what the proxy's
+    socket had received and not read.
     """
-    server = start_server("--relay", relay, json_log=True)
-    sent = 0
-    lost = 0
-    full = threading.Event()
-    go = threading.Event()
 
-    def flood_then_reset(conn: socket.socket) -> None:
-        nonlocal sent, lost
+    def __init__(self) -> None:
+        self.sent = 0
+        self.lost = 0
+        self.full = threading.Event()
+        self.go = threading.Event()
+        self.reset = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        self.ports = conn.getsockname()[1], conn.getpeername()[1]
+        try:
+            self._flood(conn)
+        finally:
+            self.full.set()
+        self.go.wait(20)
+        here, there = self.ports
+        # Everything at rest: the same queues twice, 0.2 s apart.
+        queues = None
+        for _ in range(50):
+            now = (tcp_queues(here, there)[0], tcp_queues(there, here)[1])
+            if now == queues:
+                break
+            queues = now
+            time.sleep(0.2)
+        assert queues is not None
+        self.lost = sum(queues)
+        close_with_reset(conn)
+        self.reset.set()
+
+    def _flood(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         chunk = b"d" * 65536
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:  # until nothing moves for 0.5 s
             try:
-                sent += conn.send(chunk)
+                self.sent += conn.send(chunk)
                 quiet_since = time.monotonic()
             except BlockingIOError:
                 if time.monotonic() - quiet_since > 0.5:
-                    break
+                    return
                 time.sleep(0.01)
-        try:
-            proxy_port = conn.getpeername()[1]
-            here = [q for q in tcp_queues(dest.port) if q[0] == proxy_port]
-            there = [q for q in tcp_queues(proxy_port) if q[0] == dest.port]
-            assert len(here) == len(there) == 1, (here, there)
-            # Unacknowledged in this socket, unread in the proxy's: lost.
-            lost = here[0][1] + there[0][2]
-        finally:
-            full.set()
-        go.wait(10)
-        close_with_reset(conn)
 
-    with ThreadedServer(flood_then_reset) as dest:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(10)
-        with sock:
-            sock.connect(server.address)
-            sock.sendall(request_bytes(CONNECT, dest.port, LOOPBACK))
-            assert read_reply(sock).code == GRANTED
-            client_port = sock.getsockname()[1]
-            assert full.wait(15)
-            go.set()
-            time.sleep(0.5)  # the reset has reached the proxy
-            sock.sendall(b"x")  # the proxy writes it to the reset socket
-            received = recv_until_eof(sock, limit=sent)
+
+def client_not_reading(
+    server: TwistdProcess, destination: ThreadedServer
+) -> socket.socket:
+    """A granted CONNECT on a socket with a small receive window."""
+    sock = socket.socket()
+    # A small window keeps the bytes in the proxy, not in this socket.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(server.address)
+    sock.sendall(request_bytes(CONNECT, destination.port, LOOPBACK))
+    assert read_reply(sock).code == GRANTED
+    return sock
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_bytes_read_before_a_reset_are_delivered(start_server, relay: str) -> None:
+    """
+    The destination fills every buffer towards a client that isn't
+    reading and resets; a byte from the client then meets the reset.  The
+    session ends, but first the client gets every byte the relay had read:
+    all the destination sent but what the reset itself discarded.
+    """
+    server = start_server("--relay", relay, json_log=True)
+    flood = FloodThenReset()
+    with ThreadedServer(flood) as dest, client_not_reading(server, dest) as sock:
+        client_port = sock.getsockname()[1]
+        assert flood.full.wait(20)
+        flood.go.set()
+        assert flood.reset.wait(20)
+        time.sleep(0.5)  # the reset has reached the proxy
+        sock.sendall(b"x")  # the proxy writes it to the reset socket
+        received = recv_until_eof(sock, limit=flood.sent)
         assert dest.wait_results() == [None]
-    assert 0 < len(received) == sent - lost
+    assert 0 < len(received) == flood.sent - flood.lost
     assert received == b"d" * len(received)
+    event = server.wait_for_session(client_port)
+    assert (event["relay"], event["bytes_down"]) == (relay, len(received))
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_bytes_read_before_a_reset_are_delivered_when_both_sides_wait(
+    start_server, relay: str
+) -> None:
+    """
+    As above, but the client has also sent more than the destination (which
+    reads nothing) can take, so the relay holds bytes for it too and is
+    waiting to write to it when it resets: the reactor, not a system call
+    of the relay, reports the reset (a hang-up of a socket watched for
+    writing).  The bytes for the destination are dropped; the client still
+    gets what the relay had read for it.
+    """
+    server = start_server("--relay", relay, json_log=True)
+    flood = FloodThenReset()
+    with ThreadedServer(flood) as dest:
+        dest.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with client_not_reading(server, dest) as sock:
+            client_port = sock.getsockname()[1]
+            assert flood.full.wait(20)
+            # Send until the proxy has read bytes it can't write: they are
+            # in no socket's queue on the way.  Little at a time, so that
+            # it has read all that was sent (a socket closed with unread
+            # bytes would reset the client too).
+            dest_port, outgoing_port = flood.ports
+            proxy_port = server.address[1]
+            sent_up = 0
+            for _ in range(400):
+                sock.sendall(b"u" * 65536)
+                sent_up += 65536
+                time.sleep(0.02)
+                queued = (
+                    tcp_queues(client_port, proxy_port)[0]
+                    + tcp_queues(proxy_port, client_port)[1]
+                    + tcp_queues(outgoing_port, dest_port)[0]
+                    + tcp_queues(dest_port, outgoing_port)[1]
+                )
+                if queued < sent_up:
+                    break
+            assert queued < sent_up
+            assert tcp_queues(proxy_port, client_port)[1] == 0
+            flood.go.set()
+            assert flood.reset.wait(20)
+            received = recv_until_eof(sock, limit=flood.sent)
+        assert dest.wait_results() == [None]
+    assert 0 < len(received) == flood.sent - flood.lost
     event = server.wait_for_session(client_port)
     assert (event["relay"], event["bytes_down"]) == (relay, len(received))
