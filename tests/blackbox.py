@@ -437,25 +437,39 @@ def close_with_reset(conn: socket.socket) -> None:
     conn.close()
 
 
+#: 127.0.0.1 as /proc/net/tcp writes it (the bytes of the address, as a
+#: little-endian number).
+LOOPBACK_HEX = "0100007F"
+
+
 def tcp_queues(local_port: int, remote_port: int) -> tuple[int, int]:
     """
     The send and receive queues of this network namespace's established
-    IPv4 TCP socket from C{local_port} to C{remote_port}, from
+    TCP socket from 127.0.0.1:C{local_port} to 127.0.0.1:C{remote_port}, from
     /proc/net/tcp: bytes sent and not yet acknowledged, and bytes received
-    and not yet read.
+    and not yet read.  (The kernel lists the table a page at a time, so a
+    socket can appear twice, or not at all, while others come and go:
+    sockets are told apart by inode, and the table is read again if the
+    one asked for is missing.)
     """
-    found = []
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
+    found: dict[str, tuple[int, int]] = {}
+    for _ in range(10):
+        with open("/proc/net/tcp") as table:
+            lines = table.read().splitlines()[1:]
+        for line in lines:
             fields = line.split()
-            local, remote, state, queues = fields[1:5]
-            ports = (int(local.split(":")[1], 16), int(remote.split(":")[1], 16))
-            if state == "01" and ports == (local_port, remote_port):
+            local, remote, state, queues, inode = *fields[1:5], fields[9]
+            ends = (local, remote)
+            if state == "01" and ends == (
+                f"{LOOPBACK_HEX}:{local_port:04X}",
+                f"{LOOPBACK_HEX}:{remote_port:04X}",
+            ):
                 send, receive = (int(part, 16) for part in queues.split(":"))
-                found.append((send, receive))
+                found[inode] = (send, receive)
+        if found:
+            break
     assert len(found) == 1, f"{local_port} -> {remote_port}: {found}"
-    return found[0]
+    return next(iter(found.values()))
 
 
 def free_port() -> int:
