@@ -521,8 +521,8 @@ class SpliceRelay(Relay):
     _bulk_seen = False
     #: A take-over was begun (it is tried once a session).
     _taking_over = False
-    #: The take-over paused the transports (to be resumed if it gives up).
-    _paused = False
+    #: The transports the take-over paused (to be resumed if it gives up).
+    _paused: frozenset[Any] = frozenset()
 
     @property
     def reactor(self) -> Any:
@@ -566,29 +566,40 @@ class SpliceRelay(Relay):
         if None in transports or any(map(_closing, transports)):
             self._stay_portable()
             return
-        # No new bytes enter Twisted's buffers from now on (Twisted may
-        # resume a transport when its peer's buffer drains: pause again);
-        # what is in them is flushed by the reactor before the sockets
-        # change hands.
-        for transport in transports:
-            transport.pauseProducing()
-        self._paused = True
-        if any(_unsent(t) for t in transports):
-            self._tries += 1
-            if self._tries > TAKE_OVER_TRIES:
-                # A peer that doesn't read: Twisted's flow control serves.
-                self._stay_portable()
-                return
-            self.clock.callLater(0 if self._tries < 10 else 0.01, self._try_take_over)
+        # What Twisted has buffered for a socket is flushed by the reactor
+        # before the sockets change hands; the side that feeds that buffer
+        # is not read meanwhile (Twisted may resume it when the buffer
+        # drains: pause it again), while the other direction flows on.
+        # With both buffers empty the sockets change hands at once, before
+        # another read.
+        client_side, server_side = transports
+        feeders = frozenset(
+            feeder
+            for buffered, feeder in (
+                (client_side, server_side),
+                (server_side, client_side),
+            )
+            if _unsent(buffered)
+        )
+        if not feeders:
+            self._take_over(transports)
             return
-        self._take_over(transports)
+        for feeder in feeders:
+            feeder.pauseProducing()
+        self._paused |= feeders
+        self._tries += 1
+        if self._tries > TAKE_OVER_TRIES:
+            # A peer that doesn't read: Twisted's flow control serves.
+            self._stay_portable()
+            return
+        self.clock.callLater(0 if self._tries < 10 else 0.01, self._try_take_over)
 
     def _stay_portable(self) -> None:
         """Leave the session to the portable relay, resuming what was paused."""
-        if not self._paused:
-            return
+        paused, self._paused = self._paused, frozenset()
         for end in (self.client, self.server):
-            if not end.lost and not end.read_done:
+            transport = _socket_transport(end.transport)
+            if transport in paused and not end.lost and not end.read_done:
                 end.transport.resumeProducing()
 
     def _take_over(self, transports: tuple[Any, ...]) -> None:

@@ -17,10 +17,13 @@ from blackbox import (
     CONNECT,
     GRANTED,
     LOOPBACK,
+    RELAYS,
     ThreadedServer,
     TwistdProcess,
     close_with_reset,
+    read_reply,
     recv_exact,
+    request_bytes,
     socks4_request,
 )
 
@@ -248,6 +251,63 @@ def test_reset_while_both_directions_wait_is_not_an_unhandled_error(
         if e.get("log_level") in ("error", "critical")
     ]
     assert errors == []
+
+
+def test_the_other_direction_flows_while_the_take_over_waits(start_server) -> None:
+    """
+    The destination trickles bytes (reads too small to count as bulk) to a
+    client that doesn't read, until Twisted holds some for the client.  The
+    client then sends bulk: the take-over must wait for that buffer to
+    drain (into the socket, as the kernel grows its buffer, or never: then
+    it gives up after ~1 s and the session stays portable).  Meanwhile only
+    the destination, which feeds that buffer, goes unread: what the client
+    sends reaches the destination without delay.
+    """
+    server = start_server(json_log=True)  # --relay auto: spliced on bulk
+    arrivals: list[float] = []
+    bulk = 65536
+
+    def trickle_and_listen(conn: socket.socket) -> None:
+        conn.settimeout(5)
+
+        def trickle() -> None:
+            end = time.monotonic() + 3
+            with contextlib.suppress(OSError):
+                while time.monotonic() < end:
+                    conn.sendall(b"d" * 4096)
+                    time.sleep(0.001)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        recv_exact(conn, bulk)
+        for _ in range(30):
+            if not conn.recv(1):
+                return
+            arrivals.append(time.monotonic())
+
+    with ThreadedServer(trickle_and_listen) as dest:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        with sock:
+            sock.connect(server.address)
+            sock.sendall(request_bytes(CONNECT, dest.port, LOOPBACK))
+            assert read_reply(sock).code == GRANTED
+            client_port = sock.getsockname()[1]
+            time.sleep(1.0)  # the way to this socket fills up
+            sock.sendall(b"u" * bulk)  # bulk: the take-over begins, and waits
+            sent = []
+            for _ in range(30):  # 1.5 s: the take-over's wait and more
+                sent.append(time.monotonic())
+                sock.sendall(b"m")
+                time.sleep(0.05)
+            deadline = time.monotonic() + 5
+            while len(arrivals) < 30 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(arrivals) == 30
+            delays = [got - left for left, got in zip(sent, arrivals, strict=True)]
+            assert max(delays) < 0.4, delays
+        dest.wait_results()
+    assert server.wait_for_session(client_port)["relay"] in RELAYS
 
 
 def test_the_pool_fits_the_open_file_limit() -> None:
