@@ -567,11 +567,12 @@ class SpliceRelay(Relay):
             self._stay_portable()
             return
         # What Twisted has buffered for a socket is flushed by the reactor
-        # before the sockets change hands; the side that feeds that buffer
-        # is not read meanwhile (Twisted may resume it when the buffer
-        # drains: pause it again), while the other direction flows on.
-        # With both buffers empty the sockets change hands at once, before
-        # another read.
+        # before the sockets change hands.  Meanwhile the side that feeds a
+        # buffer is not read (paused again on every try: Twisted's flow
+        # control may resume it), and a side paused earlier whose buffer
+        # has drained since is read again: Twisted resumes only what its
+        # own flow control paused.  With both buffers empty the sockets
+        # change hands at once, before another read.
         client_side, server_side = transports
         feeders = frozenset(
             feeder
@@ -586,7 +587,9 @@ class SpliceRelay(Relay):
             return
         for feeder in feeders:
             feeder.pauseProducing()
-        self._paused |= feeders
+        for drained in self._paused - feeders:
+            drained.resumeProducing()
+        self._paused = feeders
         self._tries += 1
         if self._tries > TAKE_OVER_TRIES:
             # A peer that doesn't read: Twisted's flow control serves.

@@ -431,6 +431,20 @@ def socks4_request(
     return sock, reply
 
 
+def client_not_reading(
+    server: TwistdProcess, destination: ThreadedServer
+) -> socket.socket:
+    """A granted CONNECT on a socket with a small receive window."""
+    sock = socket.socket()
+    # A small window keeps the bytes in the proxy, not in this socket.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(server.address)
+    sock.sendall(request_bytes(CONNECT, destination.port, LOOPBACK))
+    assert read_reply(sock).code == GRANTED
+    return sock
+
+
 def close_with_reset(conn: socket.socket) -> None:
     """Close with an RST (SO_LINGER 0), not a FIN."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")

@@ -24,6 +24,7 @@ from blackbox import (
     ThreadedServer,
     TwistdProcess,
     assert_closed,
+    client_not_reading,
     close_with_reset,
     connect_to,
     free_port,
@@ -555,20 +556,6 @@ class FloodThenReset:
                 if time.monotonic() - quiet_since > 0.5:
                     return
                 time.sleep(0.01)
-
-
-def client_not_reading(
-    server: TwistdProcess, destination: ThreadedServer
-) -> socket.socket:
-    """A granted CONNECT on a socket with a small receive window."""
-    sock = socket.socket()
-    # A small window keeps the bytes in the proxy, not in this socket.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(server.address)
-    sock.sendall(request_bytes(CONNECT, destination.port, LOOPBACK))
-    assert read_reply(sock).code == GRANTED
-    return sock
 
 
 @pytest.mark.parametrize("relay", RELAYS)
