@@ -502,8 +502,6 @@ class SpliceRelay(Relay):
     end_class = _SpliceEnd
 
     spliced = False
-    #: The sockets are being closed: no direction starts reading again.
-    finishing = False
     #: Why the session ends, while the bytes read from a socket that failed
     #: are still being written to the other one.
     broken: Exception | None = None
@@ -523,6 +521,11 @@ class SpliceRelay(Relay):
     _taking_over = False
     #: The transports the take-over paused (to be resumed if it gives up).
     _paused: frozenset[Any] = frozenset()
+
+    @property
+    def finishing(self) -> bool:
+        """The sockets are being closed: no direction starts reading again."""
+        return self._closed or self.broken is not None
 
     @property
     def reactor(self) -> Any:
@@ -647,7 +650,6 @@ class SpliceRelay(Relay):
         if self.finishing or towards_live.done or not towards_live.holding():
             self._finish(reason)
             return
-        self.finishing = True
         self.broken = reason
         for sock in self._sockets:
             sock.stop_reading()
@@ -679,7 +681,6 @@ class SpliceRelay(Relay):
         if self._closed or self._sockets is None:
             return
         self._closed = True
-        self.finishing = True
         for sock in self._sockets:
             sock.stop_reading()
             sock.stop_writing()
